@@ -1,0 +1,144 @@
+"""Load and build captioning models through transformers' own classes.
+
+A Hub id (`microsoft/git-base`) and a local directory written by `save_pretrained` go through the
+same `from_pretrained` call; a from-scratch preset (`tiny`, `small`) is just such a directory,
+built by `build_preset`. Families differ only in which transformers class loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+
+from captioner.errors import CaptionerError
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("tiny", "small")
+
+# config.model_type -> the transformers class that generates captions for it.
+FAMILY_CLASSES = {
+    "git": "AutoModelForCausalLM",
+    "blip": "BlipForConditionalGeneration",
+    "vision-encoder-decoder": "VisionEncoderDecoderModel",
+}
+
+
+def model_family(config) -> str:
+    """The family key of a loaded `PretrainedConfig`, or a clear error for unsupported ones."""
+    if config.model_type not in FAMILY_CLASSES:
+        supported = ", ".join(FAMILY_CLASSES)
+        raise CaptionerError(
+            f"model type '{config.model_type}' is not supported (supported: {supported})"
+        )
+    return config.model_type
+
+
+def _load_error(name_or_path: str, err: Exception) -> CaptionerError:
+    path = Path(name_or_path)
+    if path.exists():
+        if not (path / "config.json").exists():
+            return CaptionerError(f"{name_or_path}: not a model directory (no config.json)")
+        return CaptionerError(f"{name_or_path}: could not load model: {err}")
+    if name_or_path in PRESETS:
+        return CaptionerError(
+            f"'{name_or_path}' is a from-scratch preset: build it with build_preset() "
+            "(`captioner train --model tiny` does this for you)"
+        )
+    return CaptionerError(
+        f"could not load '{name_or_path}': not a local directory, and the Hugging Face Hub "
+        f"did not provide it (offline, or no such repository). ({type(err).__name__})"
+    )
+
+
+def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False):
+    """Return `(model, processor)` for a Hub id or a `save_pretrained` directory.
+
+    safetensors only; remote code only when the user asks for it.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    name = str(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error(name, err) from None
+    model_cls = getattr(transformers, FAMILY_CLASSES[model_family(config)])
+    try:
+        model = model_cls.from_pretrained(
+            name, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error(name, err) from None
+    return model, processor
+
+
+def preset_config(name: str) -> dict:
+    """The JSON preset `name` (`tiny`, `small`) or a path to a JSON file of the same shape."""
+    if Path(name).suffix == ".json" and Path(name).is_file():
+        return json.loads(Path(name).read_text())
+    if name not in PRESETS:
+        raise CaptionerError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    return json.loads(resources.files("captioner.presets").joinpath(f"{name}.json").read_text())
+
+
+def build_preset(name: str, captions: Iterable[str], out_dir: str | Path) -> Path:
+    """Build a randomly initialised GIT + a WordPiece tokenizer trained on `captions`.
+
+    Saves model, tokenizer and processor to `out_dir` with `save_pretrained`, so the directory
+    loads exactly like `microsoft/git-base` (plain transformers, no captioner needed).
+    """
+    import torch
+    from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    from captioner.tokenizer import train_wordpiece
+
+    spec = preset_config(name)
+    captions = [c for c in captions if c and c.strip()]
+    if not captions:
+        raise CaptionerError("cannot build a preset tokenizer: no training captions")
+    tokenizer = train_wordpiece(
+        captions,
+        vocab_size=spec.get("tokenizer_vocab_size", 1000),
+        model_max_length=spec["max_position_embeddings"],
+    )
+    size = spec["image_size"]
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    config = GitConfig(
+        vision_config=spec["vision_config"],
+        vocab_size=len(tokenizer),
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        max_position_embeddings=spec["max_position_embeddings"],
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = GitForCausalLM(config)
+    model.generation_config.bos_token_id = tokenizer.cls_token_id
+    model.generation_config.eos_token_id = tokenizer.sep_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    GitProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "built preset %s: %.2fM parameters, vocab %d -> %s",
+        name,
+        n_params / 1e6,
+        len(tokenizer),
+        out,
+    )
+    return out

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny models and images built in tmp dirs, never downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Hub lookups would spend minutes in retries here; every test is offline by construction.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (30, 60, 220),
+    "white": (255, 255, 255),
+}
+TINY_CAPTIONS = [
+    f"a {c} {s} on a {bg} background"
+    for c in COLORS
+    for s in ("circle", "square", "triangle")
+    for bg in ("black", "gray")
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised `tiny` GIT preset saved with save_pretrained (loads like a Hub id)."""
+    from captioner.models import build_preset
+
+    return build_preset("tiny", TINY_CAPTIONS, tmp_path_factory.mktemp("tiny_git"))
+
+
+def make_images(folder: Path, n: int, size: int = 48, ext: str = "png") -> list[Path]:
+    """Write `n` small distinct RGB images (coloured squares on gray) and return their paths."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    palette = list(COLORS.values())
+    for i in range(n):
+        img = Image.new("RGB", (size, size), (90 + i % 40, 90, 90))
+        ImageDraw.Draw(img).rectangle(
+            [i % 12, i % 9, size // 2 + i % 17, size // 2 + i % 13], fill=palette[i % len(palette)]
+        )
+        path = folder / f"img_{i:03d}.{ext}"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    """A folder of 8 small PNG images."""
+    make_images(tmp_path / "images", 8)
+    return tmp_path / "images"
