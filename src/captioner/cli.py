@@ -31,13 +31,268 @@ console = Console(stderr=True)
 # --- train / demo commands (issue 3) ---
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", help="tiny | small | model dir | Hub id."),
+    data: str | None = typer.Option(None, "--data", help="Any source `captioner data` reads."),
+    output_dir: str | None = typer.Option(None, "--output_dir"),
+    config: str | None = typer.Option(
+        None, "--config", help="YAML/JSON file with the same keys as these flags (flags win)."
+    ),
+    resume: bool | None = typer.Option(
+        None, "--resume/--no_resume", help="Continue from the newest checkpoint in output_dir."
+    ),
+    image_column: str | None = typer.Option(None, "--image_column"),
+    caption_column: str | None = typer.Option(None, "--caption_column"),
+    test_size: float | None = typer.Option(None, "--test_size"),
+    seed: int | None = typer.Option(None, "--seed"),
+    eval_max_samples: int | None = typer.Option(
+        None, "--eval_max_samples", help="Eval captions are generated for this many examples."
+    ),
+    num_beams: int | None = typer.Option(None, "--num_beams", help="Decoding during eval."),
+    max_new_tokens: int | None = typer.Option(None, "--max_new_tokens"),
+    early_stopping_patience: int | None = typer.Option(None, "--early_stopping_patience"),
+    pixel_cache: str | None = typer.Option(None, "--pixel_cache", help="auto | off | a folder."),
+    trust_remote_code: bool | None = typer.Option(None, "--trust_remote_code"),
+    # TrainingArguments, under their own names (any other one is passed through as well).
+    learning_rate: float | None = typer.Option(None, "--learning_rate"),
+    num_train_epochs: float | None = typer.Option(None, "--num_train_epochs"),
+    max_steps: int | None = typer.Option(None, "--max_steps"),
+    per_device_train_batch_size: int | None = typer.Option(None, "--per_device_train_batch_size"),
+    per_device_eval_batch_size: int | None = typer.Option(None, "--per_device_eval_batch_size"),
+    gradient_accumulation_steps: int | None = typer.Option(None, "--gradient_accumulation_steps"),
+    warmup_steps: float | None = typer.Option(None, "--warmup_steps", help="< 1: a fraction."),
+    warmup_ratio: float | None = typer.Option(None, "--warmup_ratio"),
+    weight_decay: float | None = typer.Option(None, "--weight_decay"),
+    lr_scheduler_type: str | None = typer.Option(None, "--lr_scheduler_type"),
+    eval_strategy: str | None = typer.Option(None, "--eval_strategy", help="no | steps | epoch"),
+    eval_steps: float | None = typer.Option(None, "--eval_steps"),
+    save_strategy: str | None = typer.Option(None, "--save_strategy"),
+    save_steps: float | None = typer.Option(None, "--save_steps"),
+    save_total_limit: int | None = typer.Option(None, "--save_total_limit"),
+    logging_steps: float | None = typer.Option(None, "--logging_steps"),
+    load_best_model_at_end: bool | None = typer.Option(
+        None, "--load_best_model_at_end/--no_load_best_model_at_end"
+    ),
+    metric_for_best_model: str | None = typer.Option(None, "--metric_for_best_model"),
+    fp16: bool | None = typer.Option(None, "--fp16/--no_fp16"),
+    bf16: bool | None = typer.Option(None, "--bf16/--no_bf16"),
+    dataloader_num_workers: int | None = typer.Option(None, "--dataloader_num_workers"),
+    report_to: str | None = typer.Option(None, "--report_to"),
+    push_to_hub: bool | None = typer.Option(None, "--push_to_hub/--no_push_to_hub"),
+    hub_model_id: str | None = typer.Option(None, "--hub_model_id"),
+) -> None:
+    """Fine-tune (or train a from-scratch preset) with transformers' Trainer."""
+    import logging
+
+    from captioner.train import TrainConfig, load_config_file, parse_extra_args
+    from captioner.train import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flags = {k: v for k, v in ctx.params.items() if k != "config" and v is not None}
+    for key in ("eval_steps", "save_steps", "logging_steps"):  # 50.0 -> 50 (checkpoint-50)
+        if isinstance(flags.get(key), float) and flags[key].is_integer():
+            flags[key] = int(flags[key])
+    values = {**(load_config_file(config) if config else {}), **parse_extra_args(ctx.args)}
+    path = run_training(TrainConfig.from_dict({**values, **flags}))
+    console.print(f"[green]done:[/] model, metrics and curves.png in {path}")
+
+
 # --- eval commands (issue 4) ---
 
 
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="Model directory or Hub id."),
+    data: str = typer.Argument(..., help="Dataset (any source `captioner data` accepts)."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate."),
+    num_beams: int = typer.Option(1, "--num_beams"),
+    max_new_tokens: int = typer.Option(30, "--max_new_tokens"),
+    batch_size: int | None = typer.Option(None, "--batch_size", help="Default: automatic."),
+    max_samples: int | None = typer.Option(None, "--max_samples", help="First N images only."),
+    output_dir: str | None = typer.Option(
+        None, "--output_dir", help="Write metrics.json, samples.jsonl and report.html here."
+    ),
+    compare: str | None = typer.Option(None, "--compare", help="Second model, side by side."),
+    metric: list[str] = typer.Option(
+        [], "--metric", help="Extra metric: teacher_forced_wer (the guide's number)."
+    ),
+    trust_remote_code: bool = typer.Option(False, "--trust_remote_code"),
+) -> None:
+    """Generate captions for a split and score them: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, WER."""
+    from rich.table import Table
+
+    from captioner.evaluation import TEACHER_FORCED_NOTE, run_eval
+    from captioner.report import REPORT_METRICS
+
+    unknown = set(metric) - {"teacher_forced_wer"}
+    if unknown:
+        raise CaptionerError(f"unknown --metric {sorted(unknown)} (available: teacher_forced_wer)")
+    results, tf = run_eval(
+        model,
+        data,
+        split=split,
+        compare=compare,
+        teacher_forced="teacher_forced_wer" in metric,
+        output_dir=output_dir,
+        trust_remote_code=trust_remote_code,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_samples=max_samples,
+    )
+    table = Table(title=f"{data} [{split}]")
+    table.add_column("metric")
+    for r in results:
+        table.add_column(r.model, justify="right")
+    rows = REPORT_METRICS + ([("teacher_forced_wer", "teacher-forced WER (guide)")] if tf else [])
+    for key, label in rows:
+        values = [r.metrics.get(key) for r in results]
+        table.add_row(label, *["n/a" if v is None else f"{v:.4g}" for v in values])
+    Console().print(table)
+    if tf:
+        console.print(f"[dim]{TEACHER_FORCED_NOTE}[/]")
+    if output_dir:
+        console.print(f"wrote {output_dir}/metrics.json and {output_dir}/report.html")
+
+
 # --- caption commands (issue 5) ---
+@app.command("caption")
+def caption_command(
+    model: str = typer.Argument(..., help="Model directory or Hub id."),
+    inputs: list[str] = typer.Argument(
+        ..., help="Image files, folders (recursive), globs, http(s) URLs, or - (list on stdin)."
+    ),
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="Rows to a .jsonl or .csv file (default: JSONL on stdout)."
+    ),
+    sidecar: bool = typer.Option(False, "--sidecar", help="Write image.txt next to each image."),
+    caption_extension: str = typer.Option(".txt", "--caption_extension"),
+    skip_existing: bool = typer.Option(False, "--skip_existing", help="Keep existing sidecars."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace sidecars / --output."),
+    resume: bool = typer.Option(False, "--resume", help="Skip images already in --output."),
+    batch_size: int | None = typer.Option(None, "--batch_size", help="Default: automatic."),
+    num_beams: int = typer.Option(1, "--num_beams"),
+    max_new_tokens: int = typer.Option(30, "--max_new_tokens"),
+    do_sample: bool = typer.Option(False, "--do_sample"),
+    top_p: float | None = typer.Option(None, "--top_p"),
+    temperature: float | None = typer.Option(None, "--temperature"),
+    num_return_sequences: int = typer.Option(1, "--num_return_sequences"),
+    repetition_penalty: float | None = typer.Option(None, "--repetition_penalty"),
+    prompt: str | None = typer.Option(None, "--prompt", help='Caption prefix: "a drawing of".'),
+    bad_words: list[str] = typer.Option(
+        [], "--bad_words", help="Words never to emit (repeat, or comma-separated)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Makes --do_sample repeatable."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: auto)."),
+    trust_remote_code: bool = typer.Option(False, "--trust_remote_code"),
+    progress: bool = typer.Option(True, "--progress/--no_progress", help="Progress bar (stderr)."),
+) -> None:
+    """Caption images into JSONL/CSV rows {"image", "caption"} or sidecar .txt files.
+
+    Bad images become rows with an "error" field; the exit code is 1 if any failed.
+    """
+    from captioner.caption import caption_files
+
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    decoding = dict(
+        batch_size=batch_size,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        top_p=top_p,
+        temperature=temperature,
+        num_return_sequences=num_return_sequences,
+        repetition_penalty=repetition_penalty,
+        prompt=prompt,
+        bad_words=[w.strip() for words in bad_words for w in words.split(",") if w.strip()],
+    )
+    summary = caption_files(
+        model,
+        inputs,
+        output=output,
+        sidecar=sidecar,
+        caption_extension=caption_extension,
+        skip_existing=skip_existing,
+        overwrite=overwrite,
+        resume=resume,
+        decoding=decoding,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
+    for image, reason in summary.failed:
+        console.print(f"[red]failed:[/] {image}: {reason}", highlight=False, soft_wrap=True)
+    console.print(
+        f"captioned {summary.captioned}, skipped {summary.skipped}, failed {len(summary.failed)}"
+    )
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 # --- serve commands (issue 6) ---
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Model directory or Hub id (as for `caption`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes it."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    max_batch_size: int = typer.Option(
+        8, "--max_batch_size", help="Images per generate call; 1 = no batching."
+    ),
+    max_wait_ms: float = typer.Option(
+        5.0,
+        "--max_wait_ms",
+        help="How long a batch waits for more requests (0: only what is already queued).",
+    ),
+    max_upload_bytes: int = typer.Option(
+        10_000_000, "--max_upload_bytes", help="Per image; larger uploads get 413."
+    ),
+    max_pixels: int = typer.Option(
+        25_000_000, "--max_pixels", help="Per image; larger (or bombs) get 422."
+    ),
+    api_key: str = typer.Option(
+        None,
+        "--api_key",
+        envvar="CAPTIONER_API_KEY",
+        help="Require this key in X-API-Key (or Bearer).",
+    ),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust_remote_code", help="Allow model code from the Hub."
+    ),
+) -> None:
+    """Serve MODEL over HTTP: POST /caption, GET /health, a web page at /, API docs at /docs."""
+    try:
+        import uvicorn
+
+        from captioner.serve import create_app
+    except ImportError as err:
+        raise CaptionerError(
+            f"`captioner serve` needs the serve extra ({err.name} is missing): "
+            "pip install 'captioner[serve]'"
+        ) from None
+    from captioner.generate import Captioner
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"[yellow]warning:[/] listening on {host} without --api_key")
+    captioner = Captioner.from_pretrained(model, device=device, trust_remote_code=trust_remote_code)
+    web = create_app(
+        captioner,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_upload_bytes=max_upload_bytes,
+        max_pixels=max_pixels,
+        api_key=api_key,
+        model_name=model,
+    )
+    console.print(f"serving [bold]{model}[/] at http://{host}:{port}/  (API docs: /docs)")
+    uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

@@ -1,0 +1,163 @@
+"""Batches for caption training: one caption per example per epoch, dynamic padding, -100 labels.
+
+The guide pads every caption to 512 tokens and trains on the pads (`labels = input_ids`). Here a
+batch is padded to its longest caption and every pad position is -100, so loss and compute cover
+caption tokens only. Image positions need nothing: GIT puts the image tokens in front of the text
+inside the model, slices them off the logits and shifts by one itself (`GitForCausalLM.forward`);
+BLIP's text decoder shifts too. So for both, labels are the input ids with pads masked.
+VisionEncoderDecoder builds its decoder inputs by shifting the labels right, so it gets labels
+alone (`labels_only=True`).
+
+Images are decoded here, in DataLoader workers, i.e. once per epoch at most; with `cache_dir` the
+preprocessed pixel values are kept on disk, keyed by the image file's hash and the image
+processor's config, and later epochs (and later runs) skip decoding altogether.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from captioner.errors import BadImageError, CaptionerError
+from captioner.images import load_image
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMN = "__index__"
+
+
+def draw_caption(captions: list[str], seed: int, epoch: int, index: int) -> str:
+    """One caption of an example, fixed by (seed, epoch, index): reproducible, new each epoch."""
+    if len(captions) == 1:
+        return captions[0]
+    rng = np.random.default_rng([seed, epoch, index])
+    return captions[int(rng.integers(len(captions)))]
+
+
+def _file_hash(src: Any) -> str | None:
+    """sha1 of the encoded image file, or None where there is no file (an in-memory PIL image)."""
+    if isinstance(src, dict):
+        src = src.get("bytes") or src.get("path")
+    if isinstance(src, (str, Path)):
+        try:
+            src = Path(src).read_bytes()
+        except OSError:
+            return None  # load_image reports the missing file with its name
+    if isinstance(src, (bytes, bytearray)):
+        return hashlib.sha1(src).hexdigest()
+    return None
+
+
+@dataclass
+class CaptionCollator:
+    """Turns rows `{image, captions}` into a model batch. Set `epoch` before each epoch's loader
+    is iterated (train.py does it in a callback) so the drawn captions change across epochs."""
+
+    processor: Any
+    seed: int = 0
+    epoch: int = 0
+    cache_dir: str | os.PathLike | None = None
+    labels_only: bool = False
+    max_length: int | None = None
+    image_column: str = "image"
+    caption_column: str = "captions"
+    _config_key: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        tokenizer = self.processor.tokenizer
+        if tokenizer.pad_token_id is None:
+            raise CaptionerError(
+                f"the tokenizer ({type(tokenizer).__name__}) has no pad token; "
+                "set one (e.g. the eos token) before training"
+            )
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        images, captions = [], []
+        for position, row in enumerate(rows):
+            index = row.get(INDEX_COLUMN)
+            caps = row[self.caption_column]
+            if isinstance(caps, str):
+                caps = [caps]
+            if index is None:  # no index column: a stable stand-in from the captions themselves
+                index = zlib.crc32("\n".join(caps).encode()) + position
+            images.append(row[self.image_column])
+            captions.append(draw_caption(caps, self.seed, self.epoch, int(index)))
+
+        pixel_values, kept = self.pixels(images)
+        if not kept:
+            raise CaptionerError("every image in a batch failed to load (see the warnings above)")
+        captions = [captions[i] for i in kept]
+
+        text = self.processor.tokenizer(
+            captions,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+        if self.labels_only:
+            return {"pixel_values": pixel_values, "labels": labels}
+        return {
+            "pixel_values": pixel_values,
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "labels": labels,
+        }
+
+    def pixels(self, images: list[Any]) -> tuple[torch.Tensor, list[int]]:
+        """Pixel values of the images that load, and their positions. A broken image is skipped
+        with a warning naming it (data.py drops those up front; this covers files that changed)."""
+        found: dict[int, torch.Tensor] = {}
+        todo: list[tuple[int, Any, Path | None]] = []
+        for i, src in enumerate(images):
+            path = self._cache_path(src)
+            if path is not None and path.exists():
+                try:
+                    found[i] = torch.from_numpy(np.load(path))
+                    continue
+                except (OSError, ValueError):
+                    pass  # a torn write from a killed run: recompute and overwrite it
+            try:
+                todo.append((i, load_image(src), path))
+            except BadImageError as err:
+                log.warning("skipping image %s", err)
+        if todo:
+            out = self.processor.image_processor(
+                images=[image for _, image, _ in todo], return_tensors="pt"
+            )
+            for (i, _, path), values in zip(todo, out["pixel_values"], strict=True):
+                found[i] = values
+                if path is not None:
+                    _save_atomic(path, values.numpy())
+        kept = sorted(found)
+        if not kept:
+            return torch.empty(0), []
+        return torch.stack([found[i] for i in kept]), kept
+
+    def _cache_path(self, src: Any) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        digest = _file_hash(src)
+        if digest is None:
+            return None
+        if self._config_key is None:
+            config = self.processor.image_processor.to_json_string()
+            self._config_key = hashlib.sha1(config.encode()).hexdigest()[:16]
+        return Path(self.cache_dir) / self._config_key / f"{digest}.npy"
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """Write then rename, so parallel workers and killed runs never leave a half file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)

@@ -1,0 +1,495 @@
+"""Every caption source -> one shape: DatasetDict{"train","test"} of {image, captions: list[str]}.
+
+Sources (`load_captions(source)`):
+  * a Hugging Face Hub id, or a local folder `datasets` can load (imagefolder with
+    metadata.jsonl/csv, parquet, ...) or that `save_to_disk` wrote;
+  * a folder of images with same-stem `.txt` sidecars, one caption per non-empty line;
+  * a CSV / JSONL / JSON manifest whose image paths are relative to the manifest;
+  * webdataset `.tar` shards (a file or a folder of them): jpg|jpeg|png|webp + txt|json.
+Each reader builds a `datasets.Dataset`; one shared pass then drops (or fails on) examples
+with no usable caption or image, so `captioner data check` and the loaders agree exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import socket
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from captioner.errors import BadImageError, CaptionerError
+from captioner.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, IMAGE_EXTENSIONS, load_image
+
+log = logging.getLogger("captioner.data")
+
+IMAGE_COLUMNS = ("image", "file_name", "image_path", "path", "filename", "file", "img")
+CAPTION_COLUMNS = ("text", "captions", "caption", "sentences", "txt")
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def _features():
+    import datasets
+
+    return datasets.Features(
+        {"image": datasets.Image(), "captions": datasets.List(datasets.Value("string"))}
+    )
+
+
+@dataclass
+class BadExample:
+    file: str
+    reason: str
+
+
+@dataclass
+class Scan:
+    """What a source holds: clean splits, the examples that were dropped, and why."""
+
+    splits: dict[str, Any]  # split name -> datasets.Dataset(image, captions)
+    bad: list[BadExample] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(len(d) for d in self.splits.values()) + len(self.bad)
+
+
+def load_captions(
+    source: str | os.PathLike,
+    *,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    test_size: float = 0.1,
+    seed: int = 0,
+    on_bad_image: str = "skip",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_SIZE,
+):
+    """Load any supported source as DatasetDict{"train", "test"} with `image` and `captions`.
+
+    Column names default to the first match of IMAGE_COLUMNS / CAPTION_COLUMNS (`image` and
+    `text` first, as in the guide); a list-valued caption column gives several captions. A source
+    with a `test` (or else `validation`) split keeps it; otherwise `test_size` of the training
+    rows, shuffled by `seed`, become the test split.
+    """
+    if on_bad_image not in ("skip", "fail"):
+        raise CaptionerError(f"--on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
+    scan = scan_source(source, image_column, caption_column, max_pixels, min_size)
+    if scan.bad:
+        first = scan.bad[0]
+        hint = f"`captioner data check {source}` lists them all"
+        if on_bad_image == "fail":
+            raise CaptionerError(
+                f"{len(scan.bad)} bad example(s) in {source}, first: {first.file}: {first.reason}"
+                f" ({hint}; --on_bad_image skip drops them)"
+            )
+        log.warning("skipped %d of %d examples in %s (%s)", len(scan.bad), scan.total, source, hint)
+    return _train_test(scan.splits, test_size, seed)
+
+
+def check_source(
+    source: str | os.PathLike,
+    *,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_SIZE,
+) -> list[BadExample]:
+    """Every example `load_captions` would drop, with the file to blame and the reason."""
+    return scan_source(source, image_column, caption_column, max_pixels, min_size).bad
+
+
+def scan_source(
+    source: str | os.PathLike,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_SIZE,
+) -> Scan:
+    """Read `source` with the matching reader, then validate every caption and image once."""
+    raw, bad = _read(source, image_column, caption_column)
+    splits = {}
+    for name, ds in raw.items():
+        splits[name] = _clean(
+            ds, f"{source}[{name}]", image_column, caption_column, bad, max_pixels, min_size
+        )
+    if _is_imagefolder(source):  # `datasets` silently drops images that metadata does not list
+        seen = {str(Path(b.file).resolve()) for b in bad}
+        for ds in splits.values():
+            seen.update(str(Path(r["path"]).resolve()) for r in _paths(ds) if r and r["path"])
+        for f in sorted(Path(source).rglob("*")):
+            if f.suffix.lower() in IMAGE_EXTENSIONS and str(f.resolve()) not in seen:
+                if not _hidden(f, Path(source)):
+                    bad.append(BadExample(str(f), "not listed in metadata (no caption)"))
+    return Scan(splits, bad)
+
+
+# --- readers: source -> ({split: Dataset}, bad examples found while reading) ---
+
+
+def _read(source: str | os.PathLike, image_column: str | None, caption_column: str | None):
+    path = Path(source).expanduser()
+    if not path.exists():
+        if _looks_like_path(str(source)):
+            raise CaptionerError(f"{source}: no such file or directory")
+        return _from_hub(str(source)), []
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in MANIFEST_SUFFIXES:
+            return _from_manifest(path, image_column, caption_column)
+        if suffix == ".tar":
+            return _from_webdataset([path], caption_column)
+        if suffix in (".parquet", ".arrow"):
+            return _hf_load(suffix.lstrip("."), str(path), data_files=str(path)), []
+        raise CaptionerError(f"{path}: not a dataset (expected a folder, manifest or .tar shard)")
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        return (dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}), []
+    files = [f for f in sorted(path.rglob("*")) if f.is_file() and not _hidden(f, path)]
+    if not files:
+        raise CaptionerError(f"{path}: empty folder, nothing to load")
+    if any(f.suffix.lower() == ".tar" for f in files):
+        return _from_webdataset([f for f in files if f.suffix.lower() == ".tar"], caption_column)
+    if not _is_imagefolder(path) and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files):
+        return _from_sidecars(path, files)
+    return _hf_load(str(path), str(path)), []
+
+
+def _hf_load(name: str, shown: str, **kwargs: Any) -> dict[str, Any]:
+    import datasets
+
+    try:
+        return dict(datasets.load_dataset(name, **kwargs))
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+        raise CaptionerError(f"{shown}: cannot load as a dataset ({_short(err)})") from None
+
+
+def _from_hub(repo_id: str) -> dict[str, Any]:
+    """The guide's call, `datasets.load_dataset(id)`, with a quick failure instead of retries."""
+    if not _offline() and not _hub_reachable():
+        raise CaptionerError(
+            f"cannot reach the Hugging Face Hub to load '{repo_id}' (no network?); "
+            "pass a local folder, or set HF_HUB_OFFLINE=1 to use a cached copy"
+        )
+    import datasets
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its retry warnings would bury our one-line error
+    try:
+        return dict(datasets.load_dataset(repo_id))
+    except Exception as err:  # connection, offline, not found, gated, bad name: all one line
+        raise CaptionerError(
+            f"'{repo_id}' is not a local path and could not be loaded from the Hugging Face Hub"
+            f" ({_short(err)})"
+        ) from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def _from_sidecars(root: Path, files: list[Path]):
+    """image.jpg + image.txt pairs (the LoRA-training convention)."""
+    by_stem: dict[Path, list[Path]] = defaultdict(list)
+    for f in files:
+        if f.suffix.lower() in IMAGE_EXTENSIONS:
+            by_stem[f.with_suffix("")].append(f)
+    images, captions, bad = [], [], []
+    for stem, found in by_stem.items():
+        if len(found) > 1:
+            names = ", ".join(f.name for f in found)
+            for f in found:
+                bad.append(BadExample(str(f), f"several images share one caption stem ({names})"))
+            continue
+        txt = stem.with_suffix(".txt")
+        if not txt.exists():
+            bad.append(BadExample(str(found[0]), f"no caption file ({txt.name})"))
+            continue
+        try:
+            text = txt.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            bad.append(BadExample(str(txt), "caption file is not UTF-8 text"))
+            continue
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            bad.append(BadExample(str(txt), "empty caption file"))
+            continue
+        images.append(str(found[0]))
+        captions.append(lines)
+    return {"train": _dataset(images, captions)}, bad
+
+
+def _from_manifest(manifest: Path, image_column: str | None, caption_column: str | None):
+    """CSV/TSV/JSONL/JSON rows of (image path relative to the manifest, caption or captions).
+
+    Several rows for one image add up (COCO style); a caption cell holding a JSON list counts as
+    several captions.
+    """
+    rows, bad = _manifest_rows(manifest)
+    if not rows:
+        raise CaptionerError(f"{manifest}: manifest has no rows")
+    columns = list(dict.fromkeys(k for _, row in rows for k in row))
+    img_col = _pick(columns, image_column, IMAGE_COLUMNS, "image", manifest)
+    cap_col = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", manifest)
+    root = manifest.parent.resolve()
+    grouped: dict[str, list[str]] = {}
+    for where, row in rows:
+        rel = row.get(img_col)
+        if not isinstance(rel, str) or not rel.strip():
+            bad.append(BadExample(where, f"no image path in column '{img_col}'"))
+            continue
+        if urlparse(rel).scheme in ("http", "https", "s3", "gs"):
+            bad.append(BadExample(rel, "image URLs are not downloaded; use local files"))
+            continue
+        target = (root / rel.strip()).resolve()
+        if not target.is_relative_to(root):
+            bad.append(BadExample(rel, f"points outside the manifest's folder ({where})"))
+            continue
+        value = row.get(cap_col)
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        grouped.setdefault(str(target), []).extend(_as_captions(value))
+    return {"train": _dataset(list(grouped), list(grouped.values()))}, bad
+
+
+def _manifest_rows(manifest: Path) -> tuple[list[tuple[str, dict]], list[BadExample]]:
+    try:
+        text = manifest.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CaptionerError(f"{manifest}: manifest is not UTF-8 text") from None
+    suffix = manifest.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        return [(f"{manifest}:{i + 2}", row) for i, row in enumerate(reader)], []
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CaptionerError(f"{manifest}: invalid JSON ({err})") from None
+        if not isinstance(data, list):
+            raise CaptionerError(f"{manifest}: expected a JSON list of objects")
+        return [(f"{manifest}[{i}]", r) for i, r in enumerate(data) if isinstance(r, dict)], []
+    rows, bad = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            assert isinstance(row, dict)
+        except (json.JSONDecodeError, AssertionError):
+            bad.append(BadExample(f"{manifest}:{i}", "not a JSON object"))
+            continue
+        rows.append((f"{manifest}:{i}", row))
+    return rows, bad
+
+
+def _from_webdataset(shards: list[Path], caption_column: str | None):
+    """webdataset shards via the `webdataset` library: one sample = files sharing a key."""
+    import webdataset as wds
+
+    bad: list[BadExample] = []
+
+    def on_error(err: Exception) -> bool:  # a broken member or tar: note it and carry on
+        bad.append(BadExample(str(getattr(err, "url", "") or shards[0]), f"unreadable ({err})"))
+        return True
+
+    images, captions = [], []
+    samples = wds.WebDataset(
+        [str(s) for s in shards], shardshuffle=False, handler=on_error, empty_check=False
+    )
+    for sample in samples:
+        name = f"{sample.get('__url__', '')}/{sample['__key__']}"
+        found = [k for k in WDS_IMAGE_KEYS if k in sample]
+        if len(found) != 1:
+            why = "no image" if not found else f"several images ({', '.join(found)})"
+            bad.append(BadExample(name, why))
+            continue
+        try:
+            caps = _wds_captions(sample, caption_column)
+        except UnicodeDecodeError:
+            bad.append(BadExample(name, "caption is not UTF-8 text"))
+            continue
+        except json.JSONDecodeError:
+            bad.append(BadExample(f"{name}.json", "invalid JSON"))
+            continue
+        if not caps:
+            bad.append(BadExample(f"{name}.{found[0]}", "no caption"))
+            continue
+        images.append({"bytes": sample[found[0]], "path": f"{name}.{found[0]}"})
+        captions.append(caps)
+    return {"train": _dataset(images, captions)}, bad
+
+
+def _wds_captions(sample: dict, caption_column: str | None) -> list[str]:
+    if "txt" in sample:
+        return [line for line in sample["txt"].decode("utf-8-sig").splitlines() if line.strip()]
+    if "json" in sample:
+        meta = json.loads(sample["json"].decode("utf-8"))
+        if isinstance(meta, dict):
+            col = caption_column or next((c for c in CAPTION_COLUMNS if c in meta), None)
+            return _as_captions(meta.get(col)) if col else []
+        return _as_captions(meta)
+    return []
+
+
+# --- the shared cleaning pass and the split ---
+
+
+def _clean(
+    ds: Any,
+    where: str,
+    image_column: str | None,
+    caption_column: str | None,
+    bad: list[BadExample],
+    max_pixels: int | None,
+    min_size: int,
+) -> Any:
+    """Drop rows without a caption or a loadable image; return Dataset(image, captions)."""
+    import datasets
+
+    img_col = _pick(ds.column_names, image_column, IMAGE_COLUMNS, "image", where)
+    cap_col = _pick(ds.column_names, caption_column, CAPTION_COLUMNS, "caption", where)
+    ds = ds.select_columns(list(dict.fromkeys([img_col, cap_col])))
+    if isinstance(ds.features[img_col], datasets.Image):
+        ds = ds.cast_column(img_col, datasets.Image(decode=False))
+    keep, captions = [], []
+    for i, row in enumerate(ds):
+        image = row[img_col]
+        name = _name(image, f"{where}[{i}]")
+        caps = _as_captions(row[cap_col])
+        if not caps:
+            bad.append(BadExample(name, "no caption"))
+            continue
+        try:
+            load_image(image, max_pixels=max_pixels, min_size=min_size)
+        except BadImageError as err:
+            bad.append(BadExample(name, err.reason))
+            continue
+        keep.append(i)
+        captions.append(caps)
+    # stay in Arrow (no image bytes through Python): select rows, swap in the clean captions
+    out = ds.select(keep).select_columns([img_col])
+    if img_col != "image":
+        out = out.rename_column(img_col, "image")
+    return out.add_column("captions", captions).cast(_features())
+
+
+def _train_test(splits: dict[str, Any], test_size: float, seed: int):
+    import datasets
+
+    test = splits.get("test", splits.get("validation"))
+    rest = [d for k, d in splits.items() if k not in ("test", "validation")]
+    if "train" in splits:
+        train = splits["train"]
+    elif rest:
+        train = datasets.concatenate_datasets(rest)
+    else:
+        train = _dataset([], [])
+    if test is None:
+        if test_size > 0 and len(train) >= 2:
+            parts = train.train_test_split(test_size=test_size, seed=seed)
+            train, test = parts["train"], parts["test"]
+        else:
+            test = train.select([])
+    return datasets.DatasetDict({"train": train, "test": test})
+
+
+# --- small helpers ---
+
+
+def _dataset(images: list, captions: list[list[str]]):
+    """The one output shape: `image` as a datasets Image feature, `captions` as list[str]."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"image": images, "captions": captions}, features=_features())
+
+
+def _as_captions(value: Any) -> list[str]:
+    """A cell -> a list of non-empty captions with whitespace collapsed."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [" ".join(str(v).split()) for v in items if v is not None and str(v).strip()]
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple, what: str, where: Any) -> str:
+    if wanted:
+        if wanted in columns:
+            return wanted
+        raise CaptionerError(
+            f"{where}: no {what} column '{wanted}' (columns: {', '.join(columns)})"
+        )
+    for name in candidates:
+        if name in columns:
+            return name
+    raise CaptionerError(
+        f"{where}: no {what} column found (columns: {', '.join(columns)}); pass --{what}_column"
+    )
+
+
+def _name(image: Any, fallback: str) -> str:
+    if isinstance(image, dict) and image.get("path"):
+        return str(image["path"])
+    return str(image) if isinstance(image, (str, os.PathLike)) else fallback
+
+
+def _is_imagefolder(source: str | os.PathLike) -> bool:
+    path = Path(source).expanduser()
+    return path.is_dir() and any(
+        (d / f"metadata.{ext}").is_file()
+        for d in [path, *[p for p in path.iterdir() if p.is_dir()]]
+        for ext in ("jsonl", "csv", "parquet")
+    )
+
+
+def _paths(ds: Any) -> list[dict]:
+    import datasets
+
+    return ds.cast_column("image", datasets.Image(decode=False))["image"]
+
+
+def _hidden(f: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in f.relative_to(root).parts)
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else that does not exist is a missing path."""
+    return (
+        source.startswith((".", "/", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in MANIFEST_SUFFIXES + (".tar", ".parquet", ".arrow")
+    )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so a machine without network fails in seconds, not after retries."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy may get there when we cannot: let the real call decide
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,169 @@
+"""Dynamic batching: requests that arrive within a few milliseconds share one `generate` call.
+
+One worker task drains an asyncio queue. It takes the first waiting request, then keeps taking
+more until it has `max_batch_size` of them or `max_wait_ms` has passed, groups them by decoding
+options (beam search and greedy cannot share a `generate` call), and runs each group as ONE call
+in a single background thread. A single thread on purpose: torch already spreads one forward
+pass over every core, and two concurrent passes would only fight for them.
+
+Images arrive here already decoded, so a bad upload is rejected before it can join a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# fn(images, options) -> one caption per image, in order.
+CaptionFn = Callable[[list[Any], dict[str, Any]], list[str]]
+
+
+class QueueFullError(Exception):
+    """More requests are waiting than the server agreed to hold; the client should retry."""
+
+
+@dataclass
+class _Job:
+    image: Any
+    key: Hashable
+    options: dict[str, Any]
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class BatchStats:
+    """What the worker has done so far (served by /health, read by tests and the benchmark)."""
+
+    batches: int = 0
+    images: int = 0
+    largest_batch: int = 0
+    busy_s: float = 0.0
+
+
+class Batcher:
+    """Collects concurrent caption requests into batches for one `CaptionFn`.
+
+    `max_batch_size=1` turns batching off (one `generate` call per image). `max_wait_ms=0` adds no
+    waiting but still batches whatever is already queued when the previous call finishes.
+    """
+
+    def __init__(
+        self,
+        fn: CaptionFn,
+        *,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 1024,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        """Start the worker on the running event loop (called from the app's lifespan)."""
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner-generate")
+        self._task = asyncio.create_task(self._worker(), name="captioner-batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker and fail anything still waiting, so no request hangs at shutdown."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._queue is not None and not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("server is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._task = self._queue = self._executor = None
+
+    async def submit(self, image: Any, options: dict[str, Any] | None = None) -> str:
+        """Queue one decoded image and wait for its caption."""
+        if self._queue is None:
+            raise RuntimeError("Batcher.start() was not called (run the app with its lifespan)")
+        options = dict(options or {})
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(image, tuple(sorted(options.items())), options, future)
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFullError(f"{self.max_queue} requests are already waiting") from None
+        return await future
+
+    async def _collect(self) -> list[_Job]:
+        """Wait for one job, then take more until the batch is full or the wait is over."""
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                break
+        return batch
+
+    async def _worker(self) -> None:
+        while True:
+            batch = await self._collect()
+            groups: dict[Hashable, list[_Job]] = {}
+            for job in batch:
+                if not job.future.done():  # the client may have gone away while it waited
+                    groups.setdefault(job.key, []).append(job)
+            for jobs in groups.values():
+                await self._run(jobs)
+
+    async def _run(self, jobs: list[_Job]) -> None:
+        """Caption one group in the worker thread and resolve its futures; never raises."""
+        loop = asyncio.get_running_loop()
+        images, options = [j.image for j in jobs], jobs[0].options
+        start = time.perf_counter()
+        try:
+            captions = await loop.run_in_executor(self._executor, self.fn, images, options)
+            if len(captions) != len(jobs):
+                raise RuntimeError(f"caption fn returned {len(captions)} for {len(jobs)} images")
+        except Exception as err:
+            if len(jobs) > 1:
+                # One input that breaks generation must not fail its neighbours: retry alone.
+                log.warning("batch of %d failed (%s); retrying one by one", len(jobs), err)
+                for job in jobs:
+                    await self._run([job])
+                return
+            log.exception("captioning failed")
+            if not jobs[0].future.done():
+                jobs[0].future.set_exception(err)
+            return
+        finally:
+            self.stats.busy_s += time.perf_counter() - start
+        self.stats.batches += 1
+        self.stats.images += len(jobs)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
+        for job, caption in zip(jobs, captions, strict=True):
+            if not job.future.done():
+                job.future.set_result(caption)

@@ -1,0 +1,71 @@
+"""Built-in scenes: deterministic, fast, and every caption is true of its picture."""
+
+import json
+import time
+
+import pytest
+from PIL import Image
+
+from captioner.errors import CaptionerError
+from captioner.scenes import BACKGROUNDS, COLOURS, SETTINGS, SHAPES, generate_scenes
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+
+
+def nearest(rgb, palette):
+    return min(
+        palette, key=lambda k: sum((a - b) ** 2 for a, b in zip(rgb, palette[k], strict=True))
+    )
+
+
+def test_same_seed_same_scenes_other_seed_differs(tmp_path):
+    a = generate_scenes(tmp_path / "a", n=30, seed=3)
+    b = generate_scenes(tmp_path / "b", n=30, seed=3)
+    c = generate_scenes(tmp_path / "c", n=30, seed=4)
+    assert rows(a) == rows(b) and rows(a) != rows(c)
+    assert (a / "00007.png").read_bytes() == (b / "00007.png").read_bytes()
+
+
+@pytest.mark.parametrize("difficulty", list(SETTINGS))
+def test_layout_and_captions(tmp_path, difficulty):
+    out = generate_scenes(tmp_path, n=40, seed=0, difficulty=difficulty)
+    meta = rows(out)
+    assert len(meta) == 40
+    for row in meta:
+        img = Image.open(out / row["file_name"])
+        assert img.size == (SETTINGS[difficulty].image_size,) * 2 and img.mode == "RGB"
+        assert 3 <= len(row["captions"]) <= 5
+        assert len(set(row["captions"])) == len(row["captions"])
+        assert all(any(s in c for s in SHAPES) for c in row["captions"])
+    assert len({r["captions"][0] for r in meta}) > 30  # varied, not one scene repeated
+
+
+def test_easy_captions_match_the_pixels(tmp_path):
+    """Background colour at a corner, the object's colour on a large share of the image."""
+    out = generate_scenes(tmp_path, n=60, seed=1, difficulty="easy", image_size=48)
+    for row in rows(out):
+        first = row["captions"][0]  # "a red circle on a blue background"
+        words = first.split()
+        colour, shape, bg = words[1], words[2], words[-2]
+        assert first == f"{words[0]} {colour} {shape} on a {bg} background"
+        assert colour != bg and colour in COLOURS and shape in SHAPES and bg in BACKGROUNDS
+        img = Image.open(out / row["file_name"])
+        assert img.size == (48, 48)
+        assert nearest(img.getpixel((0, 0)), BACKGROUNDS) == bg
+        palette = {**COLOURS, "background": BACKGROUNDS[bg]}
+        share = sum(nearest(p, palette) == colour for p in img.getdata()) / (48 * 48)
+        assert share > 0.07, (row, share)  # one large object, not a speck
+
+
+def test_two_thousand_easy_scenes_are_fast(tmp_path):
+    start = time.perf_counter()
+    generate_scenes(tmp_path, n=2000, seed=0)
+    assert time.perf_counter() - start < 30  # ~2 s on one core; generous for a shared CI box
+    assert len(list(tmp_path.glob("*.png"))) == 2000
+
+
+def test_unknown_difficulty_is_a_clear_error(tmp_path):
+    with pytest.raises(CaptionerError, match="unknown difficulty"):
+        generate_scenes(tmp_path, n=1, difficulty="impossible")
