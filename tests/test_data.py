@@ -154,7 +154,7 @@ def test_hub_id_without_network_is_one_clear_line(monkeypatch):
     with pytest.raises(CaptionerError) as info:
         load_captions("reach-vb/pokemon-blip-captions")
     message = str(info.value)
-    assert "reach-vb/pokemon-blip-captions" in message and "Hub" in message
+    assert "reach-vb/pokemon-blip-captions" in message and "HF_HUB_OFFLINE" in message
     assert "\n" not in message
 
 
@@ -300,3 +300,66 @@ def test_bad_imagefolder_and_webdataset_samples(tmp_path):
         "junk.png": "not an image (unrecognised format)",
     }
     assert captions(load_captions(tmp_path / "s.tar", test_size=0)["train"]) == [["fine"]]
+
+
+def test_truncated_shard_is_reported(tmp_path):
+    png = Image.effect_noise((32, 32), 50).convert("RGB")
+    png.save(tmp_path / "a.png")
+    with wds.TarWriter(str(tmp_path / "full.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"k{i}", "png": (tmp_path / "a.png").read_bytes(), "txt": "x"})
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    found = check_source(tmp_path / "cut.tar")
+    assert [b.file for b in found] == [str(tmp_path / "cut.tar")]
+    assert "unreadable tar shard" in found[0].reason
+
+
+def test_cli_data_check_names_every_bad_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from captioner.cli import app
+
+    expected = make_corpus(tmp_path / "corpus")
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path / "corpus")])
+    assert result.exit_code == 1
+    for name in expected:
+        assert str(tmp_path / "corpus" / name) in result.output, name
+    assert "16 examples: 5 ok (train 5), 11 bad" in result.output
+
+
+def test_folder_with_one_manifest_reads_the_manifest(tmp_path, pairs):
+    sources = write_formats(tmp_path, pairs)
+    folder = sources["jsonl"].parent
+    sources["csv"].unlink()  # one manifest left, no .txt sidecars: the folder means the manifest
+    dd = load_captions(folder, test_size=0)
+    assert captions(dd["train"]) == [caps for _, caps in pairs]
+
+
+def test_hub_unreachable_fails_fast_without_offline_mode(monkeypatch):
+    import captioner.data as data_mod
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(data_mod, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(CaptionerError, match="Hugging Face Hub is unreachable.*HF_HUB_OFFLINE"):
+        load_captions("lambdalabs/pokemon-blip-captions")
+
+
+def test_cli_prints_one_line_for_a_hub_id_offline(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "captioner.cli", "show", "reach-vb/pokemon-blip-captions"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    # one message (rich may wrap it at the terminal width), no traceback, no retry chatter
+    assert run.stderr.startswith("error: cannot load 'reach-vb/pokemon-blip-captions'"), run.stderr
+    assert run.stderr.count("error") == 1 and "Traceback" not in run.stderr

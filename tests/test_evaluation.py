@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from html import escape as html_escape
 
 import datasets
 import jiwer
@@ -131,7 +132,7 @@ def test_eval_command_writes_metrics_and_report(tiny_model_dir, tmp_path):
     assert summary["teacher_forced_wer"] > 0
     html = (out / "report.html").read_text()
     assert html.count("data:image/jpeg;base64,") == 2
-    assert evaluation.TEACHER_FORCED_NOTE.split(":")[0] in html
+    assert html_escape(evaluation.TEACHER_FORCED_NOTE) in html
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2
 
 

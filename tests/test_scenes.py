@@ -3,6 +3,7 @@
 import json
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -54,8 +55,10 @@ def test_easy_captions_match_the_pixels(tmp_path):
         img = Image.open(out / row["file_name"])
         assert img.size == (48, 48)
         assert nearest(img.getpixel((0, 0)), BACKGROUNDS) == bg
-        palette = {**COLOURS, "background": BACKGROUNDS[bg]}
-        share = sum(nearest(p, palette) == colour for p in img.getdata()) / (48 * 48)
+        palette = np.array([*COLOURS.values(), BACKGROUNDS[bg]])
+        pixels = np.asarray(img, dtype=float).reshape(-1, 1, 3)
+        closest = ((pixels - palette[None]) ** 2).sum(-1).argmin(1)
+        share = (closest == list(COLOURS).index(colour)).mean()
         assert share > 0.07, (row, share)  # one large object, not a speck
 
 
@@ -69,3 +72,31 @@ def test_two_thousand_easy_scenes_are_fast(tmp_path):
 def test_unknown_difficulty_is_a_clear_error(tmp_path):
     with pytest.raises(CaptionerError, match="unknown difficulty"):
         generate_scenes(tmp_path, n=1, difficulty="impossible")
+
+
+def test_spatial_relations_are_true(tmp_path):
+    """'a X to the left of / above a Y': X's pixels really lie left of / above Y's."""
+    import re
+
+    pattern = re.compile(
+        r"an? (small|large) (\w+) (\w+) (to the left of|above) an? (small|large) (\w+) (\w+) "
+        r"on an? (\w+) background"
+    )
+    out = generate_scenes(tmp_path, n=120, seed=2, difficulty="medium")
+    checked = 0
+    for row in rows(out):
+        match = pattern.fullmatch(row["captions"][0])
+        if not match or match[2] == match[6]:
+            continue  # one object, or two of one colour
+        size1, c1, _, relation, size2, c2, _, bg = match.groups()
+        palette = np.array([*COLOURS.values(), BACKGROUNDS[bg]])
+        pixels = np.asarray(Image.open(out / row["file_name"]), dtype=float)
+        closest = ((pixels[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
+        ys1, xs1 = np.nonzero(closest == list(COLOURS).index(c1))
+        ys2, xs2 = np.nonzero(closest == list(COLOURS).index(c2))
+        axis1, axis2 = (xs1, xs2) if relation == "to the left of" else (ys1, ys2)
+        assert axis1.mean() < axis2.mean(), row
+        if size1 != size2:  # the large one covers more pixels
+            assert (len(xs1) > len(xs2)) == (size1 == "large"), row
+        checked += 1
+    assert checked >= 20

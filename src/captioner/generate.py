@@ -40,8 +40,10 @@ def is_url(src: Any) -> bool:
     return isinstance(src, str) and src.lower().startswith(("http://", "https://"))
 
 
-def fetch_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
+def fetch_url(url: str, *, timeout: float | None = None, max_bytes: int | None = None) -> bytes:
     """Download `url` with a timeout and a byte limit; failures become BadImageError(url, why)."""
+    timeout = URL_TIMEOUT_S if timeout is None else timeout
+    max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
     req = urllib.request.Request(url, headers={"User-Agent": "captioner"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http/https only)
@@ -331,7 +333,8 @@ def _progress(total: int):
 
     class ImagesPerSecond(ProgressColumn):
         def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:.1f} img/s", style="cyan")
+            rate = task.completed / task.elapsed if task.elapsed else 0.0
+            return Text(f"{rate:.1f} img/s", style="cyan")
 
     progress = Progress(
         TextColumn("captioning"),

@@ -60,11 +60,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB: transparency is composited on white, 16-bit is rescaled."""
     if img.mode == "RGB":
         return img
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La"):
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", img.size, WHITE + (255,)), rgba).convert(
-            "RGB"
-        )
+    if img.mode in ("RGBA", "LA", "PA", "La") or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, WHITE + (255,))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
     if img.mode.startswith("I") or img.mode == "F":
         # 16/32-bit greyscale: a plain convert() clips everything above 255 to white.
         arr = np.asarray(img, dtype=np.float64)
@@ -73,11 +71,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.clip(arr / scale * 255.0, 0, 255).round()
         return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
-
-
-def image_name(src: Any) -> str:
-    """The name a message should use for `src`: its path when it has one."""
-    return _opener(src)[0]
 
 
 def _opener(src: Any) -> tuple[str, Any]:

@@ -6,6 +6,43 @@ opens offline.
 
 from __future__ import annotations
 
+# --- sample grid (issue 2) ---
+
+
+def plot_samples(images: list, captions: list[str], path, *, wrap: int = 22, columns: int = 5):
+    """The guide's `plot_images`: images in a grid, each titled with its caption wrapped at
+    `wrap` characters, written to `path` with matplotlib's Agg backend. Returns the path."""
+    from pathlib import Path
+    from textwrap import wrap as wrap_text
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    from captioner.images import load_image
+
+    n = len(images)
+    cols = max(1, min(columns, n))
+    rows = max(1, -(-n // cols))
+    lines = [wrap_text(c, wrap) or [""] for c in captions]
+    tallest = max((len(x) for x in lines), default=1)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3 * cols, rows * (3 + 0.25 * tallest)), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, text in zip(axes.flat, images, lines, strict=False):
+        ax.imshow(load_image(img))
+        ax.set_title("\n".join(text), fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.2)  # keeps long titles whole
+    plt.close(fig)
+    return path
+
+
 # --- training curves (issue 3) ---
 
 CURVE_METRICS = ("cider", "wer", "exact_match", "bleu_4")

@@ -101,7 +101,7 @@ def draw_scene(rng: random.Random, setting: Setting, size: int) -> tuple[Image.I
     object_colours = {t.colour for t in things}
     background = rng.choice([b for b in BACKGROUNDS if b not in object_colours])
     big = size * SUPERSAMPLE
-    img = _background(rng, background, big, setting.gradient)
+    img = _background(rng, background, size, setting.gradient).resize((big, big), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     vertical = count > 1 and rng.random() < 0.5  # layout axis: objects in a row or a column
     for k, thing in enumerate(things):
@@ -132,8 +132,8 @@ def _background(rng: random.Random, name: str, side: int, gradient: bool) -> Ima
         return Image.new("RGB", (side, side), base)
     # a gentle linear gradient towards a lighter or darker shade of the same colour
     toward = 255 if sum(base) < 380 else 0
-    shade = tuple(int(c + (toward - c) * 0.25) for c in base)
-    ramp = Image.linear_gradient("L").resize((side, side))
+    shade = tuple(int(c + (toward - c) * 0.2) for c in base)
+    ramp = Image.linear_gradient("L").resize((side, side))  # at output size: 16x cheaper
     if rng.random() < 0.5:
         ramp = ramp.transpose(Image.Transpose.ROTATE_90)
     return Image.composite(

@@ -95,7 +95,7 @@ class TrainConfig:
         if "warmup_ratio" in values:  # transformers 4's name; 5 takes the fraction as warmup_steps
             values["warmup_steps"] = float(values.pop("warmup_ratio"))
         extra = dict(values.get("training_args") or {})
-        extra.update({k: v for k, v in values.items() if k in theirs and k != "output_dir"})
+        extra.update({k: v for k, v in values.items() if k in theirs and k not in ours})
         return cls(**{k: v for k, v in values.items() if k in ours}, training_args=extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +162,8 @@ def resolve_training_args(config: TrainConfig, *, preset: bool):
     if not torch.cuda.is_available() and args.get("fp16"):
         log.warning("fp16 needs a CUDA GPU; none here, so training runs in fp32 (fp16 turned off)")
         args["fp16"] = False
+    if not torch.cuda.is_available():
+        args.setdefault("dataloader_pin_memory", False)  # nothing to pin for on CPU
     if args.get("dataloader_persistent_workers"):
         log.warning(
             "dataloader_persistent_workers turned off: the caption drawn per example "
@@ -181,8 +183,7 @@ def resolve_training_args(config: TrainConfig, *, preset: bool):
 def train(config: TrainConfig) -> Path:
     """Train as `config` says; return `output_dir`, which then holds the final model."""
     import torch
-    from transformers import EarlyStoppingCallback
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
     from captioner.collate import CaptionCollator
     from captioner.data import load_captions
@@ -243,14 +244,15 @@ def train(config: TrainConfig) -> Path:
         generation={"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens},
     )
     out.mkdir(parents=True, exist_ok=True)
-    resolved = config.to_dict() | {
-        k: v for k, v in args.to_dict().items() if k in {**DEFAULT_ARGS, **PRESET_ARGS}
-    }
+    # What ran: our options + every TrainingArguments value that differs from transformers'.
+    base = _field_defaults(TrainingArguments)  # (a 2nd TrainingArguments resets accelerate)
+    resolved = {k: v for k, v in config.to_dict().items() if k not in base}
+    resolved |= {k: v for k, v in args.to_dict().items() if k == "output_dir" or v != base.get(k)}
     (out / CONFIG_NAME).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
     checkpoint = None
     if config.resume:
-        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+        checkpoint = last_checkpoint(out)
         if checkpoint is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", out)
         else:
@@ -288,6 +290,31 @@ def train(config: TrainConfig) -> Path:
                 f"the trained model is in {out}"
             ) from None
     return out
+
+
+def _field_defaults(cls) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = getattr(f.default, "value", f.default)  # enums as their strings
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """The newest *complete* checkpoint: Trainer writes trainer_state.json last, so a run killed
+    while saving leaves a folder without it, which resuming must step over."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = [p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
+    done = []
+    for p in sorted(found, key=lambda p: int(p.name.split("-")[-1])):
+        if (p / "trainer_state.json").exists():
+            done.append(p)
+        else:
+            log.warning("ignoring incomplete checkpoint %s (killed while saving?)", p)
+    return str(done[-1]) if done else None
 
 
 def _prepare(ds, limit: int | None = None):

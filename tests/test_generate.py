@@ -1,0 +1,150 @@
+"""The batched captioning engine: batching must not change captions; every decoding option works."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_images
+from PIL import Image
+
+from captioner.errors import BadImageError, CaptionerError
+from captioner.generate import Captioner
+from captioner.models import load_model
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny preset with larger random weights, so greedy captions are long and differ per
+    image. (At its init scale the random model only repeats [CLS], which decodes to "": any
+    batched-vs-single comparison of empty strings would pass trivially.)"""
+    model, processor = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("chatty_git")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def captioner(chatty_model_dir) -> Captioner:
+    return Captioner.from_pretrained(chatty_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    return make_images(tmp_path_factory.mktemp("gen_images"), 11)
+
+
+def test_batched_equals_one_at_a_time_greedy(captioner, images):
+    batched = captioner.caption(images, batch_size=4, max_new_tokens=12)  # 4+4+3: ragged end
+    single = [captioner.caption(p, batch_size=1, max_new_tokens=12)[0] for p in images]
+    assert batched == single
+    assert all(batched) and len(set(batched)) > len(images) // 2  # real, image-dependent text
+
+
+def test_batched_equals_single_with_beams_and_prompt(captioner, images):
+    kw = dict(num_beams=3, max_new_tokens=8, prompt="a red")
+    batched = captioner.caption(images[:5], batch_size=5, **kw)
+    single = [captioner.caption(p, batch_size=1, **kw)[0] for p in images[:5]]
+    assert batched == single
+    # The prompt is part of the caption; [SEP] is stripped from it, or the caption would end there.
+    assert all(c.startswith("a red") and len(c) > len("a red") for c in batched)
+
+
+def test_accepts_paths_pil_bytes_and_dataset_dicts(captioner, images):
+    path = images[0]
+    sources = [path, str(path), Image.open(path), path.read_bytes(), {"bytes": None, "path": path}]
+    captions = captioner.caption(sources, max_new_tokens=6)
+    assert len(set(captions)) == 1 and captions[0]
+
+
+def test_num_return_sequences_with_sampling_and_beams(captioner, images):
+    torch.manual_seed(0)
+    sampled = captioner.caption(
+        images[:3], do_sample=True, top_p=0.9, temperature=1.2, num_return_sequences=3,
+        max_new_tokens=6,
+    )  # fmt: skip
+    assert [len(s) for s in sampled] == [3, 3, 3]
+    assert all(len(set(s)) > 1 for s in sampled)  # sampling gives different captions
+    beams = captioner.caption(images[:2], num_beams=4, num_return_sequences=2, max_new_tokens=6)
+    assert [len(b) for b in beams] == [2, 2]
+    with pytest.raises(CaptionerError, match="num_return_sequences"):
+        captioner.caption(images[:1], num_return_sequences=2)
+    with pytest.raises(CaptionerError, match="do_sample"):
+        captioner.caption(images[:1], temperature=0.5)
+
+
+def test_bad_words_are_never_generated(captioner, images, monkeypatch):
+    word = "white"
+    word_id = captioner.tokenizer.convert_tokens_to_ids(word)
+    outputs: list[torch.Tensor] = []
+    generate = captioner.model.generate
+
+    def spy(*args, **kwargs):
+        outputs.append(out := generate(*args, **kwargs))
+        return out
+
+    monkeypatch.setattr(captioner.model, "generate", spy)
+    captioner.caption(images, max_new_tokens=20)
+    assert any(word_id in o for o in outputs)  # the model does say it...
+    outputs.clear()
+    captioner.caption(images, max_new_tokens=20, bad_words=[word])
+    assert not any(word_id in o for o in outputs)  # ...and then it does not
+
+
+def test_bad_image_is_reported_and_the_rest_captioned(captioner, images, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    results = dict(captioner.caption_iter([images[0], bad, images[1]], max_new_tokens=5))
+    assert isinstance(results[1], BadImageError) and results[1].path == str(bad)
+    assert isinstance(results[0], str) and isinstance(results[2], str)
+    with pytest.raises(BadImageError, match="bad.png"):
+        captioner.caption([images[0], bad])
+
+
+def test_urls_download_with_byte_limit_and_fail_clearly_offline(captioner, images, monkeypatch):
+    png = io.BytesIO()
+    Image.open(images[0]).save(png, "PNG")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(png.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+    try:
+        assert captioner.caption(url, max_new_tokens=6) == captioner.caption(
+            images[0], max_new_tokens=6
+        )
+        monkeypatch.setattr("captioner.generate.URL_MAX_BYTES", 100)
+        with pytest.raises(BadImageError, match="byte limit") as err:
+            captioner.caption(url)
+        assert err.value.path == url
+    finally:
+        server.shutdown()
+    with pytest.raises(BadImageError, match="download failed") as err:
+        captioner.caption(url)  # server gone: connection refused, as without network
+    assert err.value.path == url
+
+
+def test_auto_batch_size_and_background_loader(captioner, images):
+    assert captioner.auto_batch_size() == 32  # tiny model on CPU: the cap, memory is plentiful
+    # num_workers=1 decodes in a worker process; results match the in-process path.
+    assert captioner.caption(images, batch_size=2, num_workers=1, max_new_tokens=5) == (
+        captioner.caption(images, batch_size=2, num_workers=0, max_new_tokens=5)
+    )
