@@ -131,3 +131,19 @@ def test_tokenizer_without_pad_is_refused():
     processor.tokenizer.pad_token = None
     with pytest.raises(collate_mod.CaptionerError, match="no pad token"):
         CaptionCollator(processor)
+
+
+def test_epoch_reaches_dataloader_workers(tmp_path):
+    """Workers get a copy of the collator when each epoch's iterator starts, so setting `epoch`
+    before iterating (train.py's on_epoch_begin callback) changes the draw inside workers too."""
+    paths = make_images(tmp_path, 8)
+    caps = [["a red circle", "a blue square", "a green triangle", "a white circle"]] * 8
+    collator = CaptionCollator(_processor())
+    loader = torch.utils.data.DataLoader(
+        _rows(paths, caps), batch_size=8, num_workers=1, collate_fn=collator
+    )
+    first = next(iter(loader))["input_ids"]
+    collator.epoch = 1
+    assert not torch.equal(first, next(iter(loader))["input_ids"])
+    collator.epoch = 0
+    assert torch.equal(first, next(iter(loader))["input_ids"])

@@ -148,3 +148,83 @@ def test_auto_batch_size_and_background_loader(captioner, images):
     assert captioner.caption(images, batch_size=2, num_workers=1, max_new_tokens=5) == (
         captioner.caption(images, batch_size=2, num_workers=0, max_new_tokens=5)
     )
+
+
+def test_live_training_model_is_captioned_in_eval_mode_and_left_training(captioner, images):
+    expected = captioner.caption(images[:3], max_new_tokens=6)
+    captioner.model.train()  # as the training callback hands it over
+    try:
+        assert captioner.caption(images[:3], max_new_tokens=6) == expected  # no dropout
+        assert captioner.model.training
+    finally:
+        captioner.model.eval()
+
+
+def _noisy(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model
+
+
+def _tiny_blip(tok):
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    ids = dict(bos_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id)
+    ids.update(eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    config = BlipConfig(
+        vision_config=dict(small, image_size=32, patch_size=8),
+        text_config=dict(small, vocab_size=len(tok), encoder_hidden_size=32, **ids),
+    )
+    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tok)
+    return _noisy(BlipForConditionalGeneration(config)), processor
+
+
+def _tiny_vision_encoder_decoder(tok):
+    from transformers import (
+        BertConfig,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        VisionTextDualEncoderProcessor,
+        ViTConfig,
+        ViTImageProcessorPil,
+    )
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        ViTConfig(**small, image_size=32, patch_size=8),
+        BertConfig(**small, vocab_size=len(tok), is_decoder=True, add_cross_attention=True),
+    )
+    model = VisionEncoderDecoderModel(config)
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id = tok.cls_token_id
+        cfg.pad_token_id, cfg.eos_token_id = tok.pad_token_id, tok.sep_token_id
+    processor = VisionTextDualEncoderProcessor(
+        ViTImageProcessorPil(size={"height": 32, "width": 32}), tok
+    )
+    return _noisy(model), processor
+
+
+@pytest.mark.parametrize("build", [_tiny_blip, _tiny_vision_encoder_decoder])
+def test_other_families_batch_identically_and_take_prompts(build, images):
+    from conftest import TINY_CAPTIONS
+
+    from captioner.tokenizer import train_wordpiece
+
+    model, processor = build(train_wordpiece(TINY_CAPTIONS, vocab_size=200, model_max_length=64))
+    captioner = Captioner(model, processor, device="cpu")
+    for prompt in (None, "a red"):
+        kw = dict(max_new_tokens=8, prompt=prompt)
+        batched = captioner.caption(images[:4], batch_size=4, **kw)
+        assert batched == [captioner.caption(p, batch_size=1, **kw)[0] for p in images[:4]]
+        assert all(batched) and all(c.startswith(prompt or "") for c in batched)
+    beams = captioner.caption(images[:2], num_beams=2, num_return_sequences=2, max_new_tokens=5)
+    assert [len(b) for b in beams] == [2, 2]

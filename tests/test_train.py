@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from captioner.errors import CaptionerError
 from captioner.train import (
@@ -183,16 +184,25 @@ def test_tiny_end_to_end(tmp_path, scenes, caplog):
             "save_total_limit": 1,
         }
     )
+    batches = []
+
+    class PeekBatch(TrainerCallback):  # the batch the wired DataLoader really produces
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            batches.append(next(iter(train_dataloader)))
+
     with caplog.at_level("WARNING"):
-        assert train(cfg) == out
-    assert "skipped 1 of 33" in caplog.text and "00032.png" not in str(cfg)  # reported
+        assert train(cfg, callbacks=[PeekBatch()]) == out
+    batch = batches[0]
+    assert batch["input_ids"].shape[1] < 20  # the longest caption, not model_max_length (64)
+    pads = batch["attention_mask"] == 0
+    assert pads.any() and (batch["labels"][pads] == -100).all()
+    assert torch.equal(batch["labels"][~pads], batch["input_ids"][~pads])
+    assert "skipped 1 of 33" in caplog.text  # the broken PNG: trained without it, reported
 
     for name in ("model.safetensors", "config.json", "processor_config.json", "curves.png"):
         assert (out / name).exists(), name
     assert (out / "preset" / "tokenizer.json").exists()
-    assert not list(out.rglob("*.bin")) or [p.name for p in out.rglob("*.bin")] == [
-        "training_args.bin"
-    ] * len(list(out.rglob("*.bin")))  # no pickled weights anywhere
+    assert not list(out.rglob("pytorch_model*.bin"))  # safetensors only
     train_results = json.loads((out / "train_results.json").read_text())
     eval_results = json.loads((out / "eval_results.json").read_text())
     assert train_results["train_samples_per_second"] > 0 and train_results["train_samples"] == 28
@@ -330,3 +340,20 @@ def test_git_with_real_bert_vocabulary(tmp_path, scenes):
         "BertTokenizerFast",
     )
     assert not (out / "preset").exists()  # a real model is fine-tuned as it is
+
+
+def test_without_java_scores_fall_back_to_wer(monkeypatch):
+    import captioner.metrics
+    from captioner import train as train_mod
+
+    def no_java(predictions, references):
+        raise CaptionerError("cannot run the PTB tokenizer: java; pycocoevalcap needs Java")
+
+    monkeypatch.setattr(captioner.metrics, "compute", no_java)
+    scores = train_mod._score(["a red star", "a cat"], [["a red star"], ["a blue square", "a dog"]])
+    assert scores == {"wer": 0.25, "exact_match": 0.5}  # "a cat" vs "a dog": 1 of 2
+    args = resolve_training_args(
+        TrainConfig(model="m", data="d", output_dir="/tmp/unused"), preset=True
+    )
+    train_mod._check_metrics(args)
+    assert args.metric_for_best_model == "wer" and args.greater_is_better is False

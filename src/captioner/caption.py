@@ -152,6 +152,8 @@ def caption_files(
     """
     if skip_existing and overwrite:
         raise CaptionerError("--skip_existing and --overwrite contradict each other; pick one")
+    if resume and overwrite:
+        raise CaptionerError("--resume and --overwrite contradict each other; pick one")
     if resume and output is None:
         raise CaptionerError("--resume needs --output FILE (it skips images already in it)")
     out_path = Path(output) if output is not None else None

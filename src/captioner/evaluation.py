@@ -140,6 +140,11 @@ def teacher_forced_wer(
 
     from captioner.images import load_image
 
+    if model.config.model_type not in ("git", "blip"):
+        raise CaptionerError(
+            "teacher_forced_wer reproduces the guide's GIT recipe (input_ids as labels); "
+            f"it does not apply to model type '{model.config.model_type}'"
+        )
     _check_columns(dataset)
     dataset = subset(dataset, max_samples)
     images = ImageColumn(dataset)

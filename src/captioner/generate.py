@@ -113,10 +113,12 @@ class Captioner:
     """Batched captioning with any supported model (GIT, BLIP, VisionEncoderDecoder)."""
 
     def __init__(self, model, processor, device: str | torch.device | None = None) -> None:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is None:  # a model already on an accelerator (training) stays where it is
+            current = next(model.parameters()).device
+            on_cpu = current.type == "cpu"
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if on_cpu else current
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_processor = getattr(processor, "image_processor", processor)
@@ -148,7 +150,8 @@ class Captioner:
             images, "mode"
         ):
             images = [images]
-        images = list(images)
+        elif not (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
+            images = list(images)
         out: list[Any] = [None] * len(images)
         for i, result in self.caption_iter(images, **kwargs):
             if isinstance(result, BadImageError):
@@ -179,7 +182,8 @@ class Captioner:
         A bad image yields `(index, BadImageError)` instead of stopping the run. `caption` is
         a str, or a list of `num_return_sequences` strs when that is > 1.
         """
-        images = images if isinstance(images, Sequence) else list(images)
+        if not (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
+            images = list(images)  # a generator: the loader needs random access
         if not images:
             return
         if num_return_sequences > 1 and not do_sample and num_return_sequences > num_beams:
@@ -199,6 +203,7 @@ class Captioner:
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
         )
         gen_kwargs = self._generate_kwargs(
             num_beams=num_beams,
@@ -212,6 +217,8 @@ class Captioner:
         )
         n_out = num_return_sequences
         bar = _progress(len(images)) if progress else None
+        was_training = self.model.training  # the training callback passes the live model
+        self.model.eval()
         try:
             for batch in loader:
                 good = [(i, px) for i, px in batch if not isinstance(px, BadImageError)]
@@ -227,6 +234,7 @@ class Captioner:
                 if bar is not None:
                     bar[0].advance(bar[1], len(batch))
         finally:
+            self.model.train(was_training)
             if bar is not None:
                 bar[0].stop()
 

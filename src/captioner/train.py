@@ -180,8 +180,9 @@ def resolve_training_args(config: TrainConfig, *, preset: bool):
         raise CaptionerError(f"invalid training arguments: {err}") from None
 
 
-def train(config: TrainConfig) -> Path:
-    """Train as `config` says; return `output_dir`, which then holds the final model."""
+def train(config: TrainConfig, callbacks: list | None = None) -> Path:
+    """Train as `config` says; return `output_dir`, which then holds the final model.
+    `callbacks`: extra `TrainerCallback`s (the benchmark times steps with one)."""
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments
 
@@ -197,14 +198,13 @@ def train(config: TrainConfig) -> Path:
     if not preset:  # a wrong model path fails before any data is read
         model, processor = load_model(config.model, trust_remote_code=config.trust_remote_code)
 
-    kwargs = {
-        "image_column": config.image_column,
-        "test_size": config.test_size,
-        "seed": config.seed,
-    }
-    if config.caption_column is not None:
-        kwargs["caption_column"] = config.caption_column
-    splits = load_captions(config.data, **kwargs)
+    splits = load_captions(
+        config.data,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
+        test_size=config.test_size,
+        seed=config.seed,
+    )
     train_ds, eval_ds = splits["train"], splits.get("test")
     if len(train_ds) == 0:
         raise CaptionerError(f"{config.data}: no training examples")
@@ -222,6 +222,8 @@ def train(config: TrainConfig) -> Path:
     args = resolve_training_args(config, preset=preset)
     if eval_ds is None and args.eval_strategy != "no":
         raise CaptionerError("no eval split (test_size=0): pass --eval_strategy no")
+    if eval_ds is not None:
+        _check_metrics(args)
     family = model.config.model_type
     cache = _pixel_cache_dir(config, processor, len(train_ds) + len(eval_ds or []))
     collator = CaptionCollator(
@@ -230,7 +232,7 @@ def train(config: TrainConfig) -> Path:
         cache_dir=cache,
         labels_only=family == "vision-encoder-decoder",
     )
-    callbacks = [_EpochCaptions(collator)]
+    callbacks = [_EpochCaptions(collator), *(callbacks or [])]
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
     trainer = CaptionTrainer(
@@ -356,10 +358,29 @@ def _plot(log_history: list[dict], path: Path) -> None:
 
 
 def _score(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """The evaluation issue's metric suite; numbers only (SPICE is None offline)."""
+    """The evaluation issue's metric suite; numbers only (SPICE is None offline). Without Java
+    (pycocoevalcap's tokenizer and METEOR need it) WER and exact match still come from jiwer."""
     from captioner.metrics import compute
 
-    return {k: float(v) for k, v in compute(predictions, references).items() if v is not None}
+    try:
+        return {k: float(v) for k, v in compute(predictions, references).items() if v is not None}
+    except CaptionerError as err:
+        if "Java" not in str(err):
+            raise
+    import jiwer
+
+    pairs = list(zip(predictions, references, strict=True))
+    wer = [min(jiwer.wer(r, p) if p else 1.0 for r in refs) for p, refs in pairs]
+    exact = [float(p in refs) for p, refs in pairs]
+    return {"wer": sum(wer) / len(wer), "exact_match": sum(exact) / len(exact)}
+
+
+def _check_metrics(args) -> None:
+    """Fail over to WER for the best checkpoint when the COCO metrics cannot run (no Java)."""
+    if "cider" not in _score(["a red circle"], [["a red circle"]]):
+        log.warning("COCO metrics unavailable (they need Java): scoring WER and exact match only")
+        if args.metric_for_best_model in ("cider", "eval_cider"):
+            args.metric_for_best_model, args.greater_is_better = "wer", False
 
 
 class _EpochCaptions(TrainerCallback):

@@ -10,6 +10,10 @@
 Every request is checked and decoded *before* it joins a batch, so an oversized, non-image or
 bomb upload is answered with its own JSON error (413 / 415 / 422) and never touches the
 requests batched with it. Errors are `{"detail": "<file>: <what is wrong>"}`.
+
+A JSON `url` is downloaded by the server (http/https only, 10 s timeout, byte limit). That lets
+any caller make the server fetch URLs, including ones on its own network: keep the default
+127.0.0.1 bind, or set an API key, before exposing it.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class Rejected(Exception):
 def create_app(
     captioner: Any,
     *,
-    max_batch_size: int = 8,
+    max_batch_size: int = 16,
     max_wait_ms: float = 5.0,
     max_upload_bytes: int = 10_000_000,
     max_pixels: int = 25_000_000,
@@ -241,6 +245,13 @@ async def _read_form(
         form = await request.form(max_files=max_files, max_fields=32)
     except HTTPException as err:  # starlette's parser errors (too many files, bad boundary...)
         raise Rejected(422, f"malformed multipart body: {err.detail}") from None
+    try:  # closing the form deletes any upload starlette spooled to a temp file
+        return _split_form(form, max_upload_bytes)
+    finally:
+        await form.close()
+
+
+def _split_form(form: Any, max_upload_bytes: int) -> tuple[list, dict]:
     uploads, fields = [], {}
     for key, value in form.multi_items():
         if key in FILE_FIELDS:
@@ -249,7 +260,8 @@ async def _read_form(
             name = value.filename or "upload"
             if value.size is not None and value.size > max_upload_bytes:
                 raise Rejected(413, f"{name}: {value.size:,} bytes > limit {max_upload_bytes:,}")
-            data = await value.read(max_upload_bytes + 1)
+            value.file.seek(0)
+            data = value.file.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
                 raise Rejected(413, f"{name}: larger than the {max_upload_bytes:,} byte limit")
             uploads.append((key, name, data))
@@ -379,10 +391,7 @@ _CAPTION_OPENAPI = {
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
                         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        **{
-                            k: v
-                            for k, v in CaptionOptions.model_json_schema()["properties"].items()
-                        },
+                        **CaptionOptions.model_json_schema()["properties"],
                     },
                 }
             },

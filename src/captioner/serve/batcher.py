@@ -149,6 +149,7 @@ class Batcher:
             if len(captions) != len(jobs):
                 raise RuntimeError(f"caption fn returned {len(captions)} for {len(jobs)} images")
         except Exception as err:
+            self.stats.busy_s += time.perf_counter() - start
             if len(jobs) > 1:
                 # One input that breaks generation must not fail its neighbours: retry alone.
                 log.warning("batch of %d failed (%s); retrying one by one", len(jobs), err)
@@ -159,8 +160,7 @@ class Batcher:
             if not jobs[0].future.done():
                 jobs[0].future.set_exception(err)
             return
-        finally:
-            self.stats.busy_s += time.perf_counter() - start
+        self.stats.busy_s += time.perf_counter() - start
         self.stats.batches += 1
         self.stats.images += len(jobs)
         self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
