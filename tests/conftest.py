@@ -25,6 +25,18 @@ TINY_CAPTIONS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared machine two OpenMP threads per
+    process oversubscribe the cores (measured: the engine tests ran 5x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised `tiny` GIT preset saved with save_pretrained (loads like a Hub id)."""
@@ -56,3 +68,24 @@ def image_dir(tmp_path) -> Path:
     """A folder of 8 small PNG images."""
     make_images(tmp_path / "images", 8)
     return tmp_path / "images"
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny preset with larger random weights, so greedy captions are long and differ per
+    image. (At its init scale the random model only repeats [CLS], which decodes to "": any
+    batched-vs-single comparison of empty strings would pass trivially.)"""
+    import torch
+
+    from captioner.models import load_model
+
+    model, processor = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("chatty_git")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

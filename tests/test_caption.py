@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from conftest import make_images
 from PIL import Image
-from test_generate import chatty_model_dir  # noqa: F401 (fixture: a model with varied captions)
 from typer.testing import CliRunner
 
 from captioner.caption import caption_files, expand_inputs
@@ -49,7 +48,7 @@ def test_expand_inputs_folders_globs_stdin_and_missing_files(tmp_path):
 
 
 def test_sigkill_then_resume_gives_each_image_once_with_the_same_captions(
-    chatty_model_dir,  # noqa: F811
+    chatty_model_dir,
     tmp_path,
 ):
     images = tmp_path / "images"
@@ -62,7 +61,7 @@ def test_sigkill_then_resume_gives_each_image_once_with_the_same_captions(
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "captioner.cli", "caption", str(chatty_model_dir), str(images)]
     cmd += ["--output", str(out), "--batch_size", "4", *FAST]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not (out.exists() and out.read_bytes().count(b"\n") >= 4):
@@ -84,7 +83,7 @@ def test_sigkill_then_resume_gives_each_image_once_with_the_same_captions(
     assert f"skipped {partial}" in resumed.output
 
 
-def test_resume_cuts_a_half_written_last_line(chatty_model_dir, tmp_path):  # noqa: F811
+def test_resume_cuts_a_half_written_last_line(chatty_model_dir, tmp_path):
     paths = [str(p) for p in make_images(tmp_path / "images", 4)]
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps({"image": paths[0], "caption": "done"}) + '\n{"image": "' + paths[1])
@@ -94,7 +93,7 @@ def test_resume_cuts_a_half_written_last_line(chatty_model_dir, tmp_path):  # no
     assert [r["image"] for r in rows] == paths and rows[0]["caption"] == "done"
 
 
-def test_output_file_is_not_clobbered_and_csv_works(chatty_model_dir, tmp_path):  # noqa: F811
+def test_output_file_is_not_clobbered_and_csv_works(chatty_model_dir, tmp_path):
     paths = [str(p) for p in make_images(tmp_path / "images", 3)]
     out = tmp_path / "out.csv"
     assert run_cli(chatty_model_dir, *paths, "-o", out, *FAST).exit_code == 0
@@ -108,7 +107,7 @@ def test_output_file_is_not_clobbered_and_csv_works(chatty_model_dir, tmp_path):
 
 
 def test_sidecar_writes_one_txt_per_image_and_skip_existing_writes_none(
-    chatty_model_dir,  # noqa: F811
+    chatty_model_dir,
     tmp_path,
 ):
     images = make_images(tmp_path / "images", 50)
@@ -129,7 +128,7 @@ def test_sidecar_writes_one_txt_per_image_and_skip_existing_writes_none(
 
 
 def test_mixed_folder_captions_good_images_and_reports_bad_ones(
-    chatty_model_dir,  # noqa: F811
+    chatty_model_dir,
     tmp_path,
 ):
     folder = tmp_path / "mixed"
@@ -151,7 +150,7 @@ def test_mixed_folder_captions_good_images_and_reports_bad_ones(
     assert "captioned 3, skipped 0, failed 3" in result.output
 
 
-def test_stdin_list_and_offline_url_become_rows(chatty_model_dir, tmp_path):  # noqa: F811
+def test_stdin_list_and_offline_url_become_rows(chatty_model_dir, tmp_path):
     path = make_images(tmp_path / "images", 1)[0]
     url = "http://127.0.0.1:9/cat.jpg"  # nothing listens there: fails like a missing network
     result = run_cli(chatty_model_dir, "-", *FAST, input=f"{path}\n{url}\n")
@@ -159,3 +158,26 @@ def test_stdin_list_and_offline_url_become_rows(chatty_model_dir, tmp_path):  # 
     rows = rows_of(result.stdout)
     assert rows[0]["image"] == str(path) and rows[0]["caption"]
     assert rows[1]["image"] == url and "download failed" in rows[1]["error"]
+
+
+def test_decoding_flags_reach_the_engine(chatty_model_dir, tmp_path, monkeypatch):
+    from captioner.generate import Captioner
+
+    seen = {}
+    caption_iter = Captioner.caption_iter
+
+    def spy(self, images, **kwargs):
+        seen.update(kwargs)
+        return caption_iter(self, images, **kwargs)
+
+    monkeypatch.setattr(Captioner, "caption_iter", spy)
+    path = make_images(tmp_path / "images", 1)[0]
+    flags = ["--prompt", "a red", "--num_beams", "3", "--num_return_sequences", "2"]
+    flags += ["--bad_words", "white, blue", "--bad_words", "circle", "--repetition_penalty", "1.3"]
+    result = run_cli(chatty_model_dir, path, *flags, *FAST)
+    assert result.exit_code == 0, result.output
+    assert seen["bad_words"] == ["white", "blue", "circle"] and seen["num_beams"] == 3
+    assert seen["repetition_penalty"] == 1.3 and seen["max_new_tokens"] == 8
+    [row] = rows_of(result.stdout)
+    assert len(row["captions"]) == 2 and row["caption"] == row["captions"][0]
+    assert all(c.startswith("a red") for c in row["captions"])

@@ -14,24 +14,6 @@ from PIL import Image
 
 from captioner.errors import BadImageError, CaptionerError
 from captioner.generate import Captioner
-from captioner.models import load_model
-
-
-@pytest.fixture(scope="session")
-def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny preset with larger random weights, so greedy captions are long and differ per
-    image. (At its init scale the random model only repeats [CLS], which decodes to "": any
-    batched-vs-single comparison of empty strings would pass trivially.)"""
-    model, processor = load_model(tiny_model_dir)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    out = tmp_path_factory.mktemp("chatty_git")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +118,13 @@ def test_urls_download_with_byte_limit_and_fail_clearly_offline(captioner, image
             captioner.caption(url)
         assert err.value.path == url
     finally:
-        server.shutdown()
+        server.shutdown()  # the socket still accepts connections, but nobody answers
+    monkeypatch.setattr("captioner.generate.URL_TIMEOUT_S", 0.3)
+    with pytest.raises(BadImageError, match="timed out"):
+        captioner.caption(url)
+    server.server_close()
     with pytest.raises(BadImageError, match="download failed") as err:
-        captioner.caption(url)  # server gone: connection refused, as without network
+        captioner.caption(url)  # connection refused, as without network
     assert err.value.path == url
 
 

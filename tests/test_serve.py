@@ -298,6 +298,43 @@ def test_batcher_retries_alone_when_a_batch_fails():
     assert stats.images == 3
 
 
+def test_zero_wait_still_batches_what_queued_during_a_call():
+    """max_wait_ms=0 adds no latency: nothing waits for company, but requests that queued while
+    the previous call ran go together into the next one."""
+    sizes = []
+
+    def fn(images, options):
+        sizes.append(len(images))
+        time.sleep(0.2)
+        return [str(x) for x in images]
+
+    async def main():
+        batcher = Batcher(fn, max_batch_size=8, max_wait_ms=0)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(0))
+            await asyncio.sleep(0.05)  # the first call is running now
+            rest = [batcher.submit(i) for i in range(1, 6)]
+            return [await first, *await asyncio.gather(*rest)]
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(main()) == ["0", "1", "2", "3", "4", "5"]
+    assert sizes == [1, 5]
+
+
+def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
+    from captioner import cli
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import fails as if not installed
+    monkeypatch.setattr(sys, "argv", ["captioner", "serve", "some-model"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "pip install 'captioner[serve]'" in err and "uvicorn" in err
+
+
 def test_real_tiny_model_caption_matches_engine(tiny_model_dir):
     from captioner.generate import Captioner
 

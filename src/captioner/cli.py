@@ -355,10 +355,11 @@ def serve(
 
         from captioner.serve import create_app
     except ImportError as err:
-        raise CaptionerError(
-            f"`captioner serve` needs the serve extra ({err.name} is missing): "
-            "pip install 'captioner[serve]'"
-        ) from None
+        from rich.markup import escape  # "[serve]" would otherwise be read as rich markup
+
+        msg = f"`captioner serve` needs the serve extra ({err.name} is missing): "
+        console.print("[bold red]error:[/] " + escape(msg + "pip install 'captioner[serve]'"))
+        raise typer.Exit(1) from None
     from captioner.generate import Captioner
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

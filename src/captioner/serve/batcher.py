@@ -137,7 +137,13 @@ class Batcher:
                 if not job.future.done():  # the client may have gone away while it waited
                     groups.setdefault(job.key, []).append(job)
             for jobs in groups.values():
-                await self._run(jobs)
+                try:
+                    await self._run(jobs)
+                except Exception as err:  # never let the one worker die: every later request
+                    log.exception("batch worker error")  # would wait forever
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(err)
 
     async def _run(self, jobs: list[_Job]) -> None:
         """Caption one group in the worker thread and resolve its futures; never raises."""
