@@ -99,9 +99,11 @@ def timer_callback():
 
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []  # this process's CPU seconds, all threads
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     return StepTimer()
 
@@ -189,6 +191,7 @@ def run_guide(model_dir: Path, data: Path, steps: int, out: Path) -> dict:
     batch = default_data_collator([train_ds[i] for i in range(BATCH)])
     return {
         "times": timer.times,
+        "cpu": timer.cpu,
         "samples_per_step": BATCH * 2,
         "flops_per_sample": count_flops(model, batch) / BATCH,
         "trainer_samples_per_second": result.metrics["train_samples_per_second"],
@@ -229,6 +232,7 @@ def run_ours(preset: str, data: Path, steps: int, out: Path) -> dict:
     results = json.loads((out / "all_results.json").read_text())
     return {
         "times": timer.times,
+        "cpu": timer.cpu,
         "samples_per_step": BATCH,
         "flops_per_sample": count_flops(model, batch) / BATCH,
         "trainer_samples_per_second": results["train_samples_per_second"],
@@ -243,17 +247,22 @@ def run_peak(seconds: float = 3.0) -> dict:
     import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    best = {}
+    best, best_cpu = {}, {}
     for n in (512, 1024, 2048):
         a, b = torch.randn(n, n), torch.randn(n, n)
         for _ in range(3):
             torch.matmul(a, b)
-        iters, start = 0, time.perf_counter()
+        iters, start, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             torch.matmul(a, b)
             iters += 1
         best[n] = 2 * n**3 * iters / (time.perf_counter() - start)
-    return {"matmul_flops": best, "peak_flops": max(best.values())}
+        best_cpu[n] = 2 * n**3 * iters / (time.process_time() - cpu)
+    return {
+        "matmul_flops": best,
+        "peak_flops": max(best.values()),
+        "peak_flops_per_cpu_s": max(best_cpu.values()),
+    }
 
 
 def child(mode: str, paths: dict[str, Path], steps: int) -> dict:
@@ -263,7 +272,7 @@ def child(mode: str, paths: dict[str, Path], steps: int) -> dict:
 
         shutil.rmtree(out)
     start = time.perf_counter()
-    if mode == "peak":
+    if mode in ("peak", "peak_end"):
         result = run_peak()
     elif mode == "guide":
         result = run_guide(paths["guide"], paths["data"], steps, out)
@@ -282,10 +291,10 @@ def child(mode: str, paths: dict[str, Path], steps: int) -> dict:
     return result
 
 
-def samples_per_second(r: dict, skip: int = 1) -> float:
-    """Optimizer steps after the first `skip` ones, over their wall time (eval/save excluded:
-    they happen only after the last timed step)."""
-    t = r["times"]
+def samples_per_second(r: dict, skip: int = 1, clock: str = "times") -> float:
+    """Samples per second over the optimizer steps after the first `skip` ones (eval and saving
+    come after the last timed step). clock="cpu": per CPU-second of this process instead."""
+    t = r[clock]
     return r["samples_per_step"] * (len(t) - 1 - skip) / (t[-1] - t[skip])
 
 
@@ -294,10 +303,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="scenes")
     ap.add_argument("--guide_steps", type=int, default=4, help="optimizer steps (64 samples each)")
     ap.add_argument("--ours_steps", type=int, default=62, help="2 epochs of 1000 at batch 32")
-    ap.add_argument("--small_steps", type=int, default=40)
-    ap.add_argument("--modes", default="peak,guide,guide_preset,ours,ours_small")
+    ap.add_argument("--small_steps", type=int, default=30)
+    ap.add_argument("--modes", default="peak,guide,guide_preset,ours,ours_small,peak_end")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
+    ap.add_argument("--report", action="store_true", help="re-print the last results.json")
     args = ap.parse_args()
+    if args.report:
+        results = json.loads((OUT / "results.json").read_text())
+        report(results, results.pop("load"))
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.n)
     steps = {
@@ -306,6 +320,7 @@ def main() -> None:
         "ours": args.ours_steps,
         "ours_small": args.small_steps,
         "peak": 0,
+        "peak_end": 0,
     }
     if args._child:
         print("RESULT " + json.dumps(child(args._child, paths, steps[args._child])))
@@ -324,50 +339,43 @@ def main() -> None:
             raise SystemExit(f"{mode} failed ({run.returncode})")
         results[mode] = json.loads(line[len("RESULT ") :])
         load.append(os.getloadavg()[0])
+    results["load"] = load
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
-    report(results, load, args)
+    report(results, load)
 
 
-def report(results: dict, load: list[float], args) -> None:
-    peak = results["peak"]["peak_flops"]
-    rows = []
+def report(results: dict, load: list[float]) -> None:
+    peaks = [results[m] for m in ("peak", "peak_end") if m in results]
+    peak = max(p["peak_flops"] for p in peaks)
+    peak_cpu = max(p["peak_flops_per_cpu_s"] for p in peaks)
+    print(f"\n{time.strftime('%Y-%m-%d')} · {platform.node()} · {platform.machine()}")
+    print(
+        f"{os.cpu_count()} CPUs, torch threads {results.get('ours', {}).get('threads')}; "
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s wall, {peak_cpu / 1e9:.1f} GFLOP per "
+        f"CPU-second; load average {min(load):.1f}-{max(load):.1f}"
+    )
+    print(
+        "\n| run | train samples/s | Trainer's samples/s (incl. eval) | peak RSS MB | largest "
+        "child MB | text tokens / sample | GFLOP / sample | MFU (wall) | MFU (CPU time) | wall s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    line = "| {} | {:.2f} | {:.2f} | {:.0f} | {:.0f} | {} | {:.3f} | {:.1%} | {:.1%} | {:.0f} |"
     for mode in ("guide", "guide_preset", "ours", "ours_small"):
         if mode not in results:
             continue
         r = results[mode]
-        sps = samples_per_second(r)
-        rows.append(
-            (
-                mode,
-                sps,
-                r["trainer_samples_per_second"],
-                r["peak_rss_mb"],
-                r["child_peak_rss_mb"],
-                r["text_tokens_per_sample"],
-                r["flops_per_sample"] / 1e9,
-                sps * r["flops_per_sample"] / peak,
-                r["wall_s"],
-            )
-        )
-    print(f"\n{time.strftime('%Y-%m-%d')} · {platform.node()} · {platform.processor() or ''}")
-    print(
-        f"{os.cpu_count()} CPUs, torch threads {results.get('ours', {}).get('threads')}, "
-        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
-        f"load average {min(load):.1f}-{max(load):.1f}"
-    )
-    print(
-        "\n| run | train samples/s | Trainer's samples/s (incl. eval) | peak RSS MB | largest "
-        "child MB | text tokens / sample | GFLOP / sample | MFU | wall s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    line = "| {} | {:.2f} | {:.2f} | {:.0f} | {:.0f} | {} | {:.3f} | {:.1%} | {:.0f} |"
-    for row in rows:
-        print(line.format(*row))
+        sps, flops = samples_per_second(r), r["flops_per_sample"]
+        mfu_cpu = samples_per_second(r, clock="cpu") * flops / peak_cpu
+        row = (mode, sps, r["trainer_samples_per_second"], r["peak_rss_mb"])
+        row += (r["child_peak_rss_mb"], r["text_tokens_per_sample"], flops / 1e9)
+        print(line.format(*row, sps * flops / peak, mfu_cpu, r["wall_s"]))
     if "guide" in results and "ours" in results:
         g, o = results["guide"], results["ours"]
+        both = o["peak_rss_mb"] + o["child_peak_rss_mb"]
         print(
             f"\nours / guide: {samples_per_second(o) / samples_per_second(g):.1f}x samples/s, "
-            f"peak RSS {o['peak_rss_mb'] / g['peak_rss_mb']:.2f}x"
+            f"peak RSS {o['peak_rss_mb'] / g['peak_rss_mb']:.2f}x "
+            f"(main + worker: {both / g['peak_rss_mb']:.2f}x)"
         )
     if "ours" in results and len(results["ours"]["times"]) > 40:
         t = results["ours"]["times"]

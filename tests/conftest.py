@@ -10,6 +10,9 @@ import pytest
 # Hub lookups would spend minutes in retries here; every test is offline by construction.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Spinning OpenMP threads starve every other process on a shared 2-core box (a 35 ms caption took
+# 4.7 s); passive waiting costs nothing here. Set before torch is imported, inherited by children.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COLORS = {
     "red": (220, 30, 30),

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -135,6 +134,25 @@ def test_json_data_url_and_health_and_page():
     assert page.status_code == 200 and 'id="file"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN, nothing remote
     assert "/caption" in docs["paths"] and "multipart/form-data" in json.dumps(docs)
+
+
+def test_json_http_url_is_downloaded(tmp_path):
+    import functools
+    import http.server
+
+    (tmp_path / "a.png").write_bytes(png(24, 20))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    try:
+        with client_for() as client:
+            ok = client.post("/caption", json={"url": base + "/a.png"})
+            missing = client.post("/caption", json={"url": base + "/nope.png"})
+    finally:
+        files.shutdown()
+    assert ok.status_code == 200 and ok.json()["caption"].startswith("24x20"), ok.text
+    assert missing.status_code == 422 and "HTTP 404" in missing.json()["detail"]
 
 
 # ---- 401 ----
@@ -359,26 +377,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def visible_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny random GIT, told not to emit special tokens, so its captions are visible words
-    (an untrained model otherwise repeats [CLS], which decodes to an empty string)."""
-    out = tmp_path_factory.mktemp("visible") / "model"
-    shutil.copytree(tiny_model_dir, out)
-    cfg_path = out / "generation_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
-    special = {vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[MASK]") if t in vocab}
-    cfg["suppress_tokens"] = sorted(special)
-    cfg_path.write_text(json.dumps(cfg))
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(visible_model_dir):
-    """`captioner serve` on a free loopback port; yields its base URL."""
+def server(chatty_model_dir):
+    """`captioner serve` on a free loopback port, serving the tiny GIT with weights scaled up
+    so its (meaningless) captions are long and differ per image; yields the base URL."""
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "captioner.cli", "serve", str(visible_model_dir)]
+    cmd = [sys.executable, "-m", "captioner.cli", "serve", str(chatty_model_dir)]
     cmd += ["--port", str(port), "--max_upload_bytes", "200000", "--max_pixels", "1000000"]
     cmd += ["--max_batch_size", "8", "--max_wait_ms", "10"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -419,7 +423,7 @@ def test_50_concurrent_mixed_uploads_never_crash_the_server(server):
     assert len(uploads) == 50
     opts = {"max_new_tokens": "8"}  # short captions keep the test quick on 2 CPU cores
     expected = {}  # each good image captioned alone first: batching must not change captions
-    for name, data in list(goods.items())[:3]:
+    for name, data in goods.items():
         r = httpx.post(server + "/caption", files={"file": (name, data)}, data=opts, timeout=60)
         expected[name] = r.json()["caption"]
 
@@ -429,14 +433,13 @@ def test_50_concurrent_mixed_uploads_never_crash_the_server(server):
                 *(client.post("/caption", files={"file": (n, d)}, data=opts) for n, d, _ in uploads)
             )
 
+    assert len(set(expected.values())) > 10  # captions tell the images apart
     responses = asyncio.run(burst())
     for (name, _, status), r in zip(uploads, responses, strict=True):
         assert r.status_code == status, (name, r.text)
         body = r.json()
         if status == 200:
-            assert isinstance(body["caption"], str) and body["caption"].strip(), name
-            if name in expected:
-                assert body["caption"] == expected[name], name
+            assert body["caption"].strip() and body["caption"] == expected[name], name
         else:
             assert name in body["detail"], body
     health = httpx.get(server + "/health").json()

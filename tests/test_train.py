@@ -83,6 +83,11 @@ def test_config_file_yaml_and_json(tmp_path):
         "learning_rate": 3e-4,
         "fp16": True,
     }
+    (tmp_path / "y.yaml").write_text("learning_rate: 1e-3\nper_device_train_batch_size: '8'\n")
+    cfg = TrainConfig.from_dict(
+        {"model": "m", "data": "d", "output_dir": "o", **load_config_file(tmp_path / "y.yaml")}
+    )  # YAML 1.1 reads 1e-3 as a string; the field's type makes it a number again
+    assert cfg.training_args == {"learning_rate": 1e-3, "per_device_train_batch_size": 8}
     (tmp_path / "c.json").write_text('{"num_train_epochs": 2}')
     assert load_config_file(tmp_path / "c.json") == {"num_train_epochs": 2}
     (tmp_path / "bad.json").write_text("{nope")

@@ -91,7 +91,8 @@ class TrainConfig:
             raise CaptionerError(
                 f"missing required option(s): {', '.join('--' + k for k in missing)}"
             )
-        values = dict(values)
+        defaults = _field_defaults(TrainingArguments) | _field_defaults(cls)
+        values = {k: _coerce(v, defaults.get(k)) for k, v in values.items()}
         if "warmup_ratio" in values:  # transformers 4's name; 5 takes the fraction as warmup_steps
             values["warmup_steps"] = float(values.pop("warmup_ratio"))
         extra = dict(values.get("training_args") or {})
@@ -292,6 +293,20 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
                 f"the trained model is in {out}"
             ) from None
     return out
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`): numeric strings for numeric
+    fields become numbers."""
+    if not isinstance(value, str) or isinstance(default, bool):
+        return value
+    if not isinstance(default, (int, float)):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if isinstance(default, int) and number.is_integer() else number
 
 
 def _field_defaults(cls) -> dict[str, Any]:
