@@ -215,7 +215,8 @@ def run_eval(
     if output_dir:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        info = {"data": data, "split": split, **results[0].options}
+        options_set = {k: v for k, v in results[0].options.items() if v is not None}
+        info = {"data": data, "split": split, **options_set}
         summary = {**results[0].metrics, "model": model, **info}
         if compare:
             summary["compare"] = {**results[1].metrics, "model": compare}
