@@ -158,16 +158,19 @@ def test_missing_caption_column(tmp_path, scenes):
 
 
 def test_cli_prints_one_line_for_bad_model(tmp_path, scenes):
+    """Also: the config file fills in what the flags leave out, and a flag beats the file."""
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: tiny\ndata: {scenes}\noutput_dir: {tmp_path / 'out'}\n")
     run = subprocess.run(
-        [*CLI, "--model", str(tmp_path), "--data", str(scenes), "--output_dir", str(tmp_path)],
+        [*CLI, "--config", str(config), "--model", str(tmp_path)],
         env=ENV,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 1
-    message = " ".join(run.stderr.split())  # rich wraps long lines at the terminal width
-    assert message.startswith("error:") and "not a model directory" in message
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "not a model directory (no config.json)" in last
     assert "Traceback" not in run.stderr
 
 

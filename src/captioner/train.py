@@ -236,16 +236,25 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     callbacks = [_EpochCaptions(collator), *(callbacks or [])]
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
-    trainer = CaptionTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        processing_class=processor,
-        callbacks=callbacks,
-        generation={"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens},
-    )
+    try:
+        trainer = CaptionTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=collator,
+            processing_class=processor,
+            callbacks=callbacks,
+            generation={"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens},
+        )
+    except Exception as err:  # with push_to_hub, Trainer creates the Hub repo right here
+        if not args.push_to_hub:
+            raise
+        raise CaptionerError(
+            f"--push_to_hub: cannot create the Hub repository ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); log in with `hf auth login`, "
+            "check the network, or train without --push_to_hub"
+        ) from None
     out.mkdir(parents=True, exist_ok=True)
     # What ran: our options + every TrainingArguments value that differs from transformers'.
     base = _field_defaults(TrainingArguments)  # (a 2nd TrainingArguments resets accelerate)
@@ -288,8 +297,9 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
         try:
             trainer.push_to_hub()
         except Exception as err:  # network / auth: the model is safe on disk either way
+            first = str(err).splitlines()[0] if str(err) else ""
             raise CaptionerError(
-                f"push to the Hub failed ({type(err).__name__}: {err}); "
+                f"push to the Hub failed ({type(err).__name__}: {first}); "
                 f"the trained model is in {out}"
             ) from None
     return out
@@ -438,12 +448,15 @@ class CaptionTrainer(Trainer):
 
     def generation_metrics(self, dataset) -> dict[str, float]:
         """Caption `dataset`'s images with the shared engine; score against all references."""
+        from captioner.evaluation import ImageColumn
         from captioner.generate import Captioner
 
         start = time.perf_counter()
         captioner = Captioner(self.model, self.processing_class, device=self.args.device)
+        # ImageColumn hands the engine undecoded images one batch at a time: memory stays flat
+        # whatever the eval split's size.
         predictions = captioner.caption(
-            list(dataset["image"]),
+            ImageColumn(dataset),
             batch_size=self.args.per_device_eval_batch_size,
             num_workers=0,
             **self.generation,
