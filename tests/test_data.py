@@ -3,28 +3,15 @@
 import csv
 import json
 import logging
-import struct
-import zlib
 
 import datasets
 import pytest
 import webdataset as wds
+from conftest import png_header
 from PIL import Image
 
 from captioner.data import check_source, load_captions
 from captioner.errors import CaptionerError
-
-
-def png_header(w: int, h: int) -> bytes:
-    """A PNG that only claims a size (as in test_images)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def captions(ds) -> list[list[str]]:

@@ -1,26 +1,13 @@
 """load_image: every mode to RGB, EXIF applied, and each kind of bad file named with a reason."""
 
 import io
-import struct
-import zlib
 
 import pytest
+from conftest import png_header
 from PIL import Image
 
 from captioner.errors import BadImageError
 from captioner.images import DEFAULT_MAX_PIXELS, load_image
-
-
-def png_header(w: int, h: int) -> bytes:
-    """A PNG that only claims a size: opening it must not decode (or allocate) anything."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

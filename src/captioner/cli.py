@@ -385,7 +385,7 @@ def demo(
     output_dir: str = typer.Option(
         "runs/demo", "--output_dir", help="Where everything is written."
     ),
-    num_scenes: int = typer.Option(3000, "--num_scenes", help="Scenes to generate (train + test)."),
+    num_scenes: int = typer.Option(4000, "--num_scenes", help="Scenes to generate (train + test)."),
     difficulty: str = typer.Option(
         "easy", "--difficulty", help="Scene setting: easy, medium or hard."
     ),

@@ -93,9 +93,6 @@ def build_preset(name: str, captions: Iterable[str], out_dir: str | Path) -> Pat
     Saves model, tokenizer and processor to `out_dir` with `save_pretrained`, so the directory
     loads exactly like `microsoft/git-base` (plain transformers, no captioner needed).
     """
-    import torch
-    from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
-
     from captioner.tokenizer import train_wordpiece
 
     spec = preset_config(name)
@@ -107,6 +104,16 @@ def build_preset(name: str, captions: Iterable[str], out_dir: str | Path) -> Pat
         vocab_size=spec.get("tokenizer_vocab_size", 1000),
         model_max_length=spec["max_position_embeddings"],
     )
+    return build_git(spec, tokenizer, out_dir)
+
+
+def build_git(spec: dict, tokenizer, out_dir: str | Path) -> Path:
+    """Save a randomly initialised GIT shaped by a preset `spec`, with `tokenizer`'s vocabulary
+    and special ids, plus its `GitProcessor`, to `out_dir`. Any BERT-style tokenizer works: a
+    caption-trained one (presets) or git-base's real 30,522-word vocabulary (tests, benchmarks)."""
+    import torch
+    from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
     size = spec["image_size"]
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
@@ -134,11 +141,5 @@ def build_preset(name: str, captions: Iterable[str], out_dir: str | Path) -> Pat
     model.save_pretrained(out)
     GitProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "built preset %s: %.2fM parameters, vocab %d -> %s",
-        name,
-        n_params / 1e6,
-        len(tokenizer),
-        out,
-    )
+    log.info("built GIT: %.2fM parameters, vocab %d -> %s", n_params / 1e6, len(tokenizer), out)
     return out
