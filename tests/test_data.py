@@ -327,7 +327,7 @@ def test_hub_unreachable_fails_fast_without_offline_mode(monkeypatch):
     import captioner.data as data_mod
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(data_mod, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(data_mod, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(CaptionerError, match="Hugging Face Hub is unreachable.*HF_HUB_OFFLINE"):
         load_captions("lambdalabs/pokemon-blip-captions")
 

@@ -8,13 +8,14 @@ import sys
 
 import pytest
 
-from captioner.demo import DemoConfig, best_constant_caption, closest_reference_wer
+from captioner.demo import DemoConfig, best_constant_caption
+from captioner.metrics import closest_reference
 
 
 def test_closest_reference_wer_takes_the_best_reference():
     refs = ["a red circle on a blue background", "a red circle on blue"]
-    assert closest_reference_wer("a red circle on blue", refs) == 0.0
-    assert closest_reference_wer("a red square on blue", refs) == pytest.approx(1 / 5)
+    assert closest_reference("a red circle on blue", refs) == (0.0, refs[1])
+    assert closest_reference("a red square on blue", refs) == (pytest.approx(1 / 5), refs[1])
 
 
 def test_best_constant_caption_picks_the_majority_phrasing():

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from captioner.errors import BadImageError, CaptionerError
+from captioner.hub import hub_reachable, is_offline
 from captioner.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, IMAGE_EXTENSIONS, load_image
 
 log = logging.getLogger("captioner.data")
@@ -188,7 +188,7 @@ def _hf_load(name: str, shown: str, **kwargs: Any) -> dict[str, Any]:
 
 def _from_hub(repo_id: str) -> dict[str, Any]:
     """The guide's call, `datasets.load_dataset(id)`, with a quick failure instead of retries."""
-    if not _offline() and not _hub_reachable():
+    if not is_offline() and not hub_reachable():
         raise CaptionerError(
             f"cannot load '{repo_id}': not a local path, and the Hugging Face Hub is unreachable "
             "(no network?); set HF_HUB_OFFLINE=1 to use a cached copy"
@@ -501,24 +501,6 @@ def _looks_like_path(source: str) -> bool:
         or source.count("/") > 1
         or Path(source).suffix.lower() in MANIFEST_SUFFIXES + (".tar", ".parquet", ".arrow")
     )
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so a machine without network fails in seconds, not after retries."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # a proxy may get there when we cannot: let the real call decide
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _short(err: BaseException) -> str:

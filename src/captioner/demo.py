@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jiwer
+from captioner.metrics import closest_reference
 
 # Sized for ~5 minutes of training on 2 CPU cores (~150 samples/s): the `easy` scenes (one large
 # object on a plain background, 64 px) are what a 1 M-parameter GIT learns in that time (measured:
@@ -52,11 +52,6 @@ class DemoConfig:
     training_args: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAINING_ARGS))
 
 
-def closest_reference_wer(prediction: str, references: list[str]) -> float:
-    """WER of `prediction` against its closest reference (the demo's headline WER)."""
-    return min(jiwer.wer(ref, prediction) for ref in references)
-
-
 def best_constant_caption(
     train_captions: list[str], test_references: list[list[str]], candidates: int = 100
 ) -> tuple[str, float]:
@@ -67,7 +62,7 @@ def best_constant_caption(
     """
     pool = [c for c, _ in Counter(train_captions).most_common(candidates)]
     scored = [
-        (sum(closest_reference_wer(c, refs) for refs in test_references) / len(test_references), c)
+        (sum(closest_reference(c, refs)[0] for refs in test_references) / len(test_references), c)
         for c in pool
     ]
     wer, caption = min(scored)

@@ -84,10 +84,9 @@ def score(predictions: list[str], references: list[list[str]]) -> Scores:
     # WER against the closest reference of each image; jiwer does the counting.
     wer_each, closest = [], []
     for p, r in zip(preds, refs, strict=True):
-        errs = [jiwer.wer(ref, p) for ref in r]
-        best = min(range(len(r)), key=errs.__getitem__)
-        wer_each.append(errs[best])
-        closest.append(r[best])
+        wer, ref = closest_reference(p, r)
+        wer_each.append(wer)
+        closest.append(ref)
     exact = [float(bool(p) and p in r) for p, r in zip(preds, refs, strict=True)]
     n = len(preds)
     tokens = [p.split() for p in preds]
@@ -118,6 +117,11 @@ def score(predictions: list[str], references: list[list[str]]) -> Scores:
         for i in range(n)
     ]
     return Scores(corpus, samples)
+
+
+def closest_reference(prediction: str, references: list[str]) -> tuple[float, str]:
+    """(WER, reference) for the reference closest to `prediction` — jiwer does the counting."""
+    return min((jiwer.wer(ref, prediction), ref) for ref in references)
 
 
 def _check(predictions: list[str], references: list[list[str]]) -> None:

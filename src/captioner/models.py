@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from captioner.errors import CaptionerError
+from captioner.hub import hub_reachable, is_offline
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoProcessor
 
     name = str(name_or_path)
+    if not Path(name).exists() and not is_offline() and not hub_reachable():
+        raise _load_error(name, ConnectionError("the Hub is unreachable"))
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -137,7 +137,11 @@ def parse_extra_args(argv: list[str]) -> dict[str, Any]:
 
     given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     parser = HfArgumentParser(TrainingArguments)
-    namespace, rest = parser.parse_known_args(argv)
+    parser.allow_abbrev = False  # `--num_train 5` is a typo to report, not num_train_epochs
+    try:
+        namespace, rest = parser.parse_known_args(argv)
+    except SystemExit:  # argparse printed what is wrong with the value; say it in one line too
+        raise CaptionerError(f"invalid training option(s): {' '.join(argv)}") from None
     if rest:
         raise CaptionerError(f"unknown option(s): {' '.join(rest)}")
     return {k: v for k, v in vars(namespace).items() if k in given}
@@ -392,10 +396,10 @@ def _score(predictions: list[str], references: list[list[str]]) -> dict[str, flo
     except CaptionerError as err:
         if "Java" not in str(err):
             raise
-    import jiwer
+    from captioner.metrics import closest_reference
 
     pairs = list(zip(predictions, references, strict=True))
-    wer = [min(jiwer.wer(r, p) if p else 1.0 for r in refs) for p, refs in pairs]
+    wer = [closest_reference(p, refs)[0] if p else 1.0 for p, refs in pairs]
     exact = [float(p in refs) for p, refs in pairs]
     return {"wer": sum(wer) / len(wer), "exact_match": sum(exact) / len(exact)}
 
