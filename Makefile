@@ -40,6 +40,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/caption_bench.py
+	$(BIN)/python bench/eval_bench.py
+	$(BIN)/python bench/serve_bench.py
 
 clean:
 	rm -rf $(VENV) runs bench/out

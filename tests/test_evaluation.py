@@ -144,3 +144,20 @@ def test_eval_command_rejects_unknown_metric_and_split(tiny_model_dir, tmp_path)
     result = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "x", "--metric", "bleu"])
     assert isinstance(result.exception, CaptionerError)
     assert "teacher_forced_wer" in str(result.exception)
+
+
+def test_eval_split_follows_the_models_training_config(tmp_path):
+    """A model trained with --test_size 0.2 --seed 1 is scored on its own held-out split."""
+    import json
+
+    from captioner.evaluation import split_options
+
+    (tmp_path / "captioner_config.json").write_text(
+        json.dumps({"test_size": 0.2, "seed": 1, "image_column": None, "learning_rate": 1e-3})
+    )
+    assert split_options(str(tmp_path), {}) == {"test_size": 0.2, "seed": 1}
+    assert split_options(str(tmp_path), {"seed": 7, "test_size": None}) == {
+        "test_size": 0.2,
+        "seed": 7,
+    }
+    assert split_options("some/hub-id", {"on_bad_image": "fail"}) == {"on_bad_image": "fail"}

@@ -100,7 +100,14 @@ class _Writer:
     """One row per image to JSONL (file or stdout) or CSV, flushed row by row."""
 
     def __init__(self, output: Path | None, append: bool, stdout: IO[str]) -> None:
-        self.file = stdout if output is None else open(output, "a" if append else "w", newline="")
+        if output is None:
+            self.file = stdout
+        else:
+            try:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(output, "a" if append else "w", newline="")  # noqa: SIM115
+            except OSError as err:
+                raise CaptionerError(f"{output}: cannot write ({err.strerror or err})") from None
         self.own = output is not None
         self.csv = None
         if output is not None and output.suffix.lower() == ".csv":
@@ -211,7 +218,10 @@ def caption_files(
                     if is_url(image):
                         row["error"] = "cannot write a sidecar caption file next to a URL"
                     else:
-                        _write_sidecar(sidecar_path(image, caption_extension), row["caption"])
+                        try:
+                            _write_sidecar(sidecar_path(image, caption_extension), row["caption"])
+                        except OSError as err:  # read-only folder, full disk: this image failed
+                            row["error"] = f"cannot write caption file: {err.strerror or err}"
             if "error" in row:
                 summary.failed.append((image, row["error"]))
             else:

@@ -111,25 +111,38 @@ def train(
     ctx: typer.Context,
     model: str | None = typer.Option(None, "--model", help="tiny | small | model dir | Hub id."),
     data: str | None = typer.Option(None, "--data", help="Any source `captioner data` reads."),
-    output_dir: str | None = typer.Option(None, "--output_dir"),
+    output_dir: str | None = typer.Option(
+        None, "--output_dir", help="Checkpoints, final model, metrics and curves go here."
+    ),
     config: str | None = typer.Option(
         None, "--config", help="YAML/JSON file with the same keys as these flags (flags win)."
     ),
     resume: bool | None = typer.Option(
         None, "--resume/--no_resume", help="Continue from the newest checkpoint in output_dir."
     ),
-    image_column: str | None = typer.Option(None, "--image_column"),
-    caption_column: str | None = typer.Option(None, "--caption_column"),
-    test_size: float | None = typer.Option(None, "--test_size"),
-    seed: int | None = typer.Option(None, "--seed"),
+    image_column: str | None = typer.Option(None, "--image_column", help="Default: image."),
+    caption_column: str | None = typer.Option(
+        None, "--caption_column", help="Default: text (a list column gives several captions)."
+    ),
+    test_size: float | None = typer.Option(None, "--test_size", help="Held-out fraction (0.1)."),
+    seed: int | None = typer.Option(None, "--seed", help="Split, caption draw and init seed."),
+    on_bad_image: str | None = typer.Option(
+        None, "--on_bad_image", help="skip (default; counted) | fail"
+    ),
     eval_max_samples: int | None = typer.Option(
         None, "--eval_max_samples", help="Eval captions are generated for this many examples."
     ),
     num_beams: int | None = typer.Option(None, "--num_beams", help="Decoding during eval."),
-    max_new_tokens: int | None = typer.Option(None, "--max_new_tokens"),
-    early_stopping_patience: int | None = typer.Option(None, "--early_stopping_patience"),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max_new_tokens", help="Longest eval caption (30)."
+    ),
+    early_stopping_patience: int | None = typer.Option(
+        None, "--early_stopping_patience", help="Stop after N evals without a better metric."
+    ),
     pixel_cache: str | None = typer.Option(None, "--pixel_cache", help="auto | off | a folder."),
-    trust_remote_code: bool | None = typer.Option(None, "--trust_remote_code"),
+    trust_remote_code: bool | None = typer.Option(
+        None, "--trust_remote_code", help="Allow model code from the Hub repository."
+    ),
     # TrainingArguments, under their own names (any other one is passed through as well).
     learning_rate: float | None = typer.Option(None, "--learning_rate"),
     num_train_epochs: float | None = typer.Option(None, "--num_train_epochs"),
@@ -158,7 +171,12 @@ def train(
     push_to_hub: bool | None = typer.Option(None, "--push_to_hub/--no_push_to_hub"),
     hub_model_id: str | None = typer.Option(None, "--hub_model_id"),
 ) -> None:
-    """Fine-tune (or train a from-scratch preset) with transformers' Trainer."""
+    """Fine-tune (or train a from-scratch preset) with transformers' Trainer.
+
+    --model, --data and --output_dir are required (here or in --config). Any other
+    TrainingArguments field is accepted too, under its own name (e.g. --adam_beta2 0.98).
+    Evaluation generates captions and scores them; the best checkpoint is chosen by CIDEr-D.
+    """
     import logging
 
     from captioner.train import TrainConfig, load_config_file, parse_extra_args
@@ -182,8 +200,8 @@ def eval_command(
     model: str = typer.Argument(..., help="Model directory or Hub id."),
     data: str = typer.Argument(..., help="Dataset (any source `captioner data` accepts)."),
     split: str = typer.Option("test", "--split", help="Split to evaluate."),
-    num_beams: int = typer.Option(1, "--num_beams"),
-    max_new_tokens: int = typer.Option(30, "--max_new_tokens"),
+    num_beams: int = typer.Option(1, "--num_beams", help="Beam width (1: greedy)."),
+    max_new_tokens: int = typer.Option(30, "--max_new_tokens", help="Longest caption in tokens."),
     batch_size: int | None = typer.Option(None, "--batch_size", help="Default: automatic."),
     max_samples: int | None = typer.Option(None, "--max_samples", help="First N images only."),
     output_dir: str | None = typer.Option(
@@ -193,9 +211,24 @@ def eval_command(
     metric: list[str] = typer.Option(
         [], "--metric", help="Extra metric: teacher_forced_wer (the guide's number)."
     ),
-    trust_remote_code: bool = typer.Option(False, "--trust_remote_code"),
+    test_size: float | None = typer.Option(
+        None, "--test_size", help="Held-out fraction (default: the model's training value, or 0.1)."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Split seed (default: the model's training value, or 0)."
+    ),
+    image_column: str | None = typer.Option(None, "--image_column", help="Image column."),
+    caption_column: str | None = typer.Option(None, "--caption_column", help="Caption column."),
+    on_bad_image: str = typer.Option("skip", "--on_bad_image", help="skip | fail"),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust_remote_code", help="Allow model code from the Hub repository."
+    ),
 ) -> None:
-    """Generate captions for a split and score them: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, WER."""
+    """Generate captions for a split and score them: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, WER.
+
+    The split is the one the model was trained with (test_size and seed from its
+    captioner_config.json) unless --test_size / --seed say otherwise.
+    """
     from rich.markup import escape
     from rich.table import Table
 
@@ -213,6 +246,13 @@ def eval_command(
         teacher_forced="teacher_forced_wer" in metric,
         output_dir=output_dir,
         trust_remote_code=trust_remote_code,
+        data_options={
+            "test_size": test_size,
+            "seed": seed,
+            "image_column": image_column,
+            "caption_column": caption_column,
+            "on_bad_image": on_bad_image,
+        },
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
@@ -454,9 +494,6 @@ def main() -> None:
     except CaptionerError as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -170,6 +170,21 @@ def teacher_forced_wer(
     return float(jiwer.wer(labels_text, preds_text))
 
 
+def split_options(model: str, given: dict) -> dict:
+    """`load_captions` options for evaluating `model`: the user's, else the test_size / seed /
+    columns the model was trained with (its `captioner_config.json`), so a model trained with
+    `--test_size 0.2 --seed 1` is scored on its own held-out split, not on training images."""
+    import json
+    from pathlib import Path
+
+    saved_path = Path(model) / "captioner_config.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    keys = ("test_size", "seed", "image_column", "caption_column", "on_bad_image")
+    options = {k: saved[k] for k in keys if saved.get(k) is not None}
+    options.update({k: v for k, v in given.items() if v is not None})
+    return options
+
+
 def run_eval(
     model: str,
     data: str,
@@ -179,6 +194,7 @@ def run_eval(
     teacher_forced: bool = False,
     output_dir: str | None = None,
     trust_remote_code: bool = False,
+    data_options: dict | None = None,
     **options,
 ) -> tuple[list[EvalResult], dict[str, float] | None]:
     """`captioner eval`: evaluate `model` (and `compare`) on `data`'s `split`, write the report.
@@ -194,7 +210,7 @@ def run_eval(
     from captioner.generate import Captioner
     from captioner.report import write_eval_report
 
-    splits = load_captions(data)
+    splits = load_captions(data, **split_options(model, data_options or {}))
     if split not in splits:
         raise CaptionerError(f"{data} has no split {split!r} (splits: {', '.join(splits)})")
     dataset = splits[split]

@@ -54,6 +54,8 @@ def load_image(
         raise BadImageError(name, f"too many pixels ({err})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise BadImageError(name, f"truncated or corrupt image ({err})") from None
+    except Exception as err:  # hostile files make PIL's decoders raise struct.error, IndexError...
+        raise BadImageError(name, f"corrupt image ({type(err).__name__}: {err})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

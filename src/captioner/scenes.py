@@ -82,7 +82,12 @@ def generate_scenes(
     setting = SETTINGS[difficulty]
     size = image_size or setting.image_size
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # OUT is a file, or not writable
+        from captioner.errors import CaptionerError
+
+        raise CaptionerError(f"{out}: cannot create the scenes folder ({err.strerror})") from None
     width = len(str(max(n - 1, 0)))
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:
         for i in range(n):

@@ -64,6 +64,7 @@ class TrainConfig:
     caption_column: str | None = None
     test_size: float = 0.1
     seed: int = 0
+    on_bad_image: str = "skip"  # unreadable images: "skip" (counted, reported) or "fail"
     eval_max_samples: int = 200  # eval captions are generated for this many fixed examples
     num_beams: int = 1
     max_new_tokens: int = 30
@@ -209,6 +210,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
         caption_column=config.caption_column,
         test_size=config.test_size,
         seed=config.seed,
+        on_bad_image=config.on_bad_image,
     )
     train_ds, eval_ds = splits["train"], splits.get("test")
     if len(train_ds) == 0:
