@@ -350,3 +350,23 @@ def test_cli_prints_one_line_for_a_hub_id_offline(tmp_path):
     # one message (rich may wrap it at the terminal width), no traceback, no retry chatter
     assert run.stderr.startswith("error: cannot load 'reach-vb/pokemon-blip-captions'"), run.stderr
     assert run.stderr.count("error") == 1 and "Traceback" not in run.stderr
+
+
+def test_loading_checks_headers_and_data_check_decodes(tmp_path):
+    """load_captions does not decode a whole dataset an extra time: a JPEG cut inside its pixel
+    data passes the header check (training and captioning skip it when they meet it), while
+    `data check` decodes everything and names it."""
+    import io
+
+    root = tmp_path / "side"
+    root.mkdir()
+    noise = Image.effect_noise((64, 64), 60).convert("RGB")
+    noise.save(root / "good.jpg")
+    buf = io.BytesIO()
+    noise.save(buf, "JPEG")
+    (root / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    for stem in ("good", "cut"):
+        (root / f"{stem}.txt").write_text("noise")
+    assert len(load_captions(root, test_size=0)["train"]) == 2
+    found = {b.file.rsplit("/", 1)[-1]: b.reason for b in check_source(root)}
+    assert list(found) == ["cut.jpg"] and "truncated" in found["cut.jpg"]

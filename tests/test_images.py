@@ -116,3 +116,25 @@ def test_dict_bytes_are_named_by_their_path():
     assert info.value.path == "shard.tar/k.jpg"
     with pytest.raises(BadImageError, match="cannot read an image from a int"):
         load_image(42)
+
+
+def test_check_image_needs_no_decoding_but_sees_headers_and_png_truncation(tmp_path):
+    from captioner.images import check_image
+
+    noise = Image.effect_noise((64, 64), 60).convert("RGB")
+    png, jpg = png_bytes(noise), png_bytes(noise, "JPEG")
+    check_image(png)  # a good image passes, and stays usable afterwards
+    assert load_image(png).size == (64, 64)
+    for data, reason in [
+        (png[:500], "truncated"),  # PNG's structural check reads every chunk
+        (png_header(10_000, 10_000), "too many pixels"),
+        (png_header(1, 1), "too small"),
+        (b"just text", "not an image"),
+    ]:
+        with pytest.raises(BadImageError, match=reason):
+            check_image(data)
+    # a JPEG cut inside its pixel data has a valid header: only decoding finds it
+    cut = jpg[: len(jpg) * 2 // 3]
+    check_image(cut)
+    with pytest.raises(BadImageError, match="truncated"):
+        load_image(cut)

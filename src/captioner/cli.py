@@ -58,7 +58,7 @@ def data_check(
 
     from captioner.data import scan_source
 
-    scan = scan_source(source, image_column, caption_column, max_pixels=max_pixels)
+    scan = scan_source(source, image_column, caption_column, max_pixels=max_pixels, full=True)
     if scan.bad:
         longest = max(len(b.file) for b in scan.bad)
         table = Table(title=f"bad examples in {source}", title_justify="left")

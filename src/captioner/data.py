@@ -25,7 +25,13 @@ from urllib.parse import urlparse
 
 from captioner.errors import BadImageError, CaptionerError
 from captioner.hub import hub_reachable, is_offline
-from captioner.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, IMAGE_EXTENSIONS, load_image
+from captioner.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIZE,
+    IMAGE_EXTENSIONS,
+    check_image,
+    load_image,
+)
 
 log = logging.getLogger("captioner.data")
 
@@ -104,8 +110,9 @@ def check_source(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     min_size: int = DEFAULT_MIN_SIZE,
 ) -> list[BadExample]:
-    """Every example `load_captions` would drop, with the file to blame and the reason."""
-    return scan_source(source, image_column, caption_column, max_pixels, min_size).bad
+    """Every bad example, with the file to blame and the reason: what `load_captions` drops, plus
+    images whose pixels fail to decode (training and captioning skip those when they meet them)."""
+    return scan_source(source, image_column, caption_column, max_pixels, min_size, full=True).bad
 
 
 def scan_source(
@@ -114,13 +121,16 @@ def scan_source(
     caption_column: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     min_size: int = DEFAULT_MIN_SIZE,
+    full: bool = False,
 ) -> Scan:
-    """Read `source` with the matching reader, then validate every caption and image once."""
+    """Read `source` with the matching reader, then validate every caption and image once
+    (`full`: decode every image too)."""
     raw, bad = _read(source, image_column, caption_column)
     splits = {}
     for name, ds in raw.items():
+        where = f"{source}[{name}]"
         splits[name] = _clean(
-            ds, f"{source}[{name}]", image_column, caption_column, bad, max_pixels, min_size
+            ds, where, image_column, caption_column, bad, max_pixels, min_size, full
         )
     if _is_imagefolder(source):  # `datasets` silently drops images that metadata does not list
         root = Path(source).expanduser()
@@ -374,8 +384,12 @@ def _clean(
     bad: list[BadExample],
     max_pixels: int | None,
     min_size: int,
+    full: bool,
 ) -> Any:
-    """Drop rows without a caption or a loadable image; return Dataset(image, captions)."""
+    """Drop rows without a caption or a usable image; return Dataset(image, captions).
+
+    `full` decodes every image (`data check`); otherwise headers, sizes and the format's own
+    structural check only, so loading a large dataset does not decode it an extra time."""
     import datasets
 
     img_col = _pick(ds.column_names, image_column, IMAGE_COLUMNS, "image", where)
@@ -392,7 +406,7 @@ def _clean(
             bad.append(BadExample(name, "no caption"))
             continue
         try:
-            load_image(image, max_pixels=max_pixels, min_size=min_size)
+            (load_image if full else check_image)(image, max_pixels=max_pixels, min_size=min_size)
         except BadImageError as err:
             bad.append(BadExample(name, err.reason))
             continue

@@ -6,9 +6,11 @@ bad file fails here with `BadImageError(file, reason)` instead of deep inside a 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +36,36 @@ def load_image(
     bomb costs nothing. `max_pixels=None` turns our limit off (PIL's own limit still applies).
     """
     name, opener = _opener(src)
+    with _reasons(name), opener() as img:
+        _check_size(name, img.size, max_pixels, min_size)
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+def check_image(
+    src: Any,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_SIZE,
+) -> None:
+    """The checks of `load_image` that need no pixel decoding: readable header, size limits, and
+    the format's own structural check (`verify`: PNG chunk CRCs and truncation, ...). Cheap enough
+    to run over a whole dataset at load time; `load_image` still catches what it cannot see (a
+    truncated JPEG body), and every consumer skips such an image when it meets it."""
+    name, opener = _opener(src)
+    with _reasons(name), opener() as img:
+        _check_size(name, img.size, max_pixels, min_size)
+        if not isinstance(src, Image.Image):  # verify() leaves an image unusable: never a caller's
+            img.verify()
+
+
+@contextlib.contextmanager
+def _reasons(name: str) -> Iterator[None]:
+    """Turn whatever PIL raises on a bad file into a BadImageError naming the file and why."""
     try:
         with warnings.catch_warnings():
             # PIL warns above its own limit and raises at twice it; we apply `max_pixels` ourselves.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with opener() as img:
-                _check_size(name, img.size, max_pixels, min_size)
-                img.load()
-                return to_rgb(ImageOps.exif_transpose(img))
+            yield
     except BadImageError:
         raise
     except FileNotFoundError:
