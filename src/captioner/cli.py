@@ -419,6 +419,22 @@ def serve(
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
+@app.command()
+def push(
+    model_dir: str = typer.Argument(..., help="A trained model directory (`--output_dir`)."),
+    hub_model_id: str = typer.Option(..., "--hub_model_id", help="Repository: you/name."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+) -> None:
+    """Upload a trained model to the Hugging Face Hub (log in first: `hf auth login`).
+
+    Checkpoints are left out; the repository then loads with plain
+    AutoModelForCausalLM / AutoProcessor.from_pretrained("you/name").
+    """
+    from captioner.models import push_to_hub
+
+    console.print(f"pushed: {push_to_hub(model_dir, hub_model_id, private=private)}")
+
+
 # --- demo (lead) ---
 @app.command()
 def demo(

@@ -81,6 +81,30 @@ def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False):
     return model, processor
 
 
+def push_to_hub(model_dir: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload a trained model directory (model, processor, metrics, curves; no checkpoints) to
+    the Hub as `repo_id` — the guide's `trainer.push_to_hub()` for a finished run. Returns the URL.
+    """
+    from huggingface_hub import HfApi
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise CaptionerError(f"{path}: not a model directory (no config.json)")
+    if is_offline() or not hub_reachable():
+        raise CaptionerError(f"cannot push to {repo_id}: the Hugging Face Hub is unreachable")
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=path,
+            repo_id=repo_id,
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "preset/**", "*.tmp"],
+        )
+    except Exception as err:  # auth, permissions, network: one line, not a traceback
+        raise CaptionerError(f"push to {repo_id} failed: {type(err).__name__}: {err}") from None
+    return str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo_id}")
+
+
 def preset_config(name: str) -> dict:
     """The JSON preset `name` (`tiny`, `small`) or a path to a JSON file of the same shape."""
     if Path(name).suffix == ".json" and Path(name).is_file():
