@@ -287,25 +287,33 @@ def caption_command(
         None, "--output", "-o", help="Rows to a .jsonl or .csv file (default: JSONL on stdout)."
     ),
     sidecar: bool = typer.Option(False, "--sidecar", help="Write image.txt next to each image."),
-    caption_extension: str = typer.Option(".txt", "--caption_extension"),
+    caption_extension: str = typer.Option(
+        ".txt", "--caption_extension", help="Sidecar suffix (.txt, .caption)."
+    ),
     skip_existing: bool = typer.Option(False, "--skip_existing", help="Keep existing sidecars."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace sidecars / --output."),
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --output."),
     batch_size: int | None = typer.Option(None, "--batch_size", help="Default: automatic."),
-    num_beams: int = typer.Option(1, "--num_beams"),
-    max_new_tokens: int = typer.Option(30, "--max_new_tokens"),
-    do_sample: bool = typer.Option(False, "--do_sample"),
-    top_p: float | None = typer.Option(None, "--top_p"),
-    temperature: float | None = typer.Option(None, "--temperature"),
-    num_return_sequences: int = typer.Option(1, "--num_return_sequences"),
-    repetition_penalty: float | None = typer.Option(None, "--repetition_penalty"),
+    num_beams: int = typer.Option(1, "--num_beams", help="Beam width (1: greedy)."),
+    max_new_tokens: int = typer.Option(30, "--max_new_tokens", help="Longest caption."),
+    do_sample: bool = typer.Option(False, "--do_sample", help="Sample instead of search."),
+    top_p: float | None = typer.Option(None, "--top_p", help="Nucleus sampling mass."),
+    temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature."),
+    num_return_sequences: int = typer.Option(
+        1, "--num_return_sequences", help="Captions per image (a list)."
+    ),
+    repetition_penalty: float | None = typer.Option(
+        None, "--repetition_penalty", help="> 1 discourages repeats."
+    ),
     prompt: str | None = typer.Option(None, "--prompt", help='Caption prefix: "a drawing of".'),
     bad_words: list[str] = typer.Option(
         [], "--bad_words", help="Words never to emit (repeat, or comma-separated)."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Makes --do_sample repeatable."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: auto)."),
-    trust_remote_code: bool = typer.Option(False, "--trust_remote_code"),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust_remote_code", help="Allow model code from the Hub repository."
+    ),
     progress: bool = typer.Option(True, "--progress/--no_progress", help="Progress bar (stderr)."),
 ) -> None:
     """Caption images into JSONL/CSV rows {"image", "caption"} or sidecar .txt files.
