@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-fast lint bench clean browser
+.PHONY: setup demo test test-fast lint bench clean browser java
 
 setup: $(STAMP)
 
@@ -18,16 +18,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) java
 	$(BIN)/captioner demo
 
-# Browser tests need Debian's chromium; installed here when apt is available and it is missing.
+# System packages the tests use, installed with apt when missing (and apt is there): Debian's
+# chromium for the server's browser test, a Java runtime for pycocoevalcap (PTB tokenizer, METEOR).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: browser tests will be skipped"; }
 
-test: $(STAMP) browser
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null) || \
+	  echo "java not installed: COCO metrics (pycocoevalcap) will fail"; }
+
+test: $(STAMP) browser java
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
