@@ -80,13 +80,6 @@ def make_images(folder: Path, n: int, size: int = 48, ext: str = "png") -> list[
     return paths
 
 
-@pytest.fixture
-def image_dir(tmp_path) -> Path:
-    """A folder of 8 small PNG images."""
-    make_images(tmp_path / "images", 8)
-    return tmp_path / "images"
-
-
 @pytest.fixture(scope="session")
 def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny preset with larger random weights, so greedy captions are long and differ per

@@ -44,7 +44,6 @@ from captioner.errors import CaptionerError
 
 SPICE_NOTE = "SPICE unavailable offline: it downloads Stanford CoreNLP models at first use."
 CORPUS_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "wer")
-SAMPLE_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "wer", "exact_match")
 JAVA_HINT = "pycocoevalcap needs Java (apt-get install default-jre-headless)"
 
 

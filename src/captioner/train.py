@@ -195,6 +195,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     from captioner.collate import CaptionCollator
     from captioner.data import load_captions
     from captioner.models import PRESETS, build_preset, load_model
+    from captioner.report import plot_curves
 
     out = Path(config.output_dir)
     preset = config.model in PRESETS
@@ -290,7 +291,6 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
 
     metrics = dict(result.metrics, train_samples=len(train_ds))
     trainer.save_model(str(out))  # safetensors, with the processor (processing_class)
-    processor.save_pretrained(str(out))
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     if eval_ds is not None:
@@ -298,7 +298,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
-    _plot(trainer.state.log_history, out / "curves.png")
+    plot_curves(trainer.state.log_history, out / "curves.png")
     if args.push_to_hub:
         try:
             trainer.push_to_hub()
@@ -377,15 +377,6 @@ def _pixel_cache_dir(config: TrainConfig, processor, n_images: int) -> Path | No
         return None
     root = os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner"
     return Path(root) / "pixels"
-
-
-def _plot(log_history: list[dict], path: Path) -> None:
-    try:
-        from captioner.report import plot_curves
-    except ImportError:
-        log.warning("report.plot_curves unavailable: no curves written")
-        return
-    plot_curves(log_history, path)
 
 
 def _score(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
