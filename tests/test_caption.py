@@ -56,7 +56,7 @@ def test_sigkill_then_resume_gives_each_image_once_with_the_same_captions(
     # long captions in batches of 2: ~100 generate calls, so the kill lands partway even when
     # this process is starved of CPU while polling
     slow = ["--max_new_tokens", "30", "--no_progress"]
-    full = run_cli(chatty_model_dir, images, *slow)  # automatic batch size: 32
+    full = run_cli(chatty_model_dir, images, *slow)  # automatic batch size
     assert full.exit_code == 0, full.output
     expected = {r["image"]: r["caption"] for r in rows_of(full.stdout)}
     assert len(expected) == 200

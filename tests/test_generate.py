@@ -129,7 +129,10 @@ def test_urls_download_with_byte_limit_and_fail_clearly_offline(captioner, image
 
 
 def test_auto_batch_size_and_background_loader(captioner, images):
-    assert captioner.auto_batch_size() == 32  # tiny model on CPU: the cap, memory is plentiful
+    from captioner.generate import CPU_MAX_BATCH
+
+    assert captioner.auto_batch_size() == CPU_MAX_BATCH  # tiny model on CPU: memory is plentiful
+    assert captioner.auto_batch_size(max_new_tokens=10**9) == 1  # a cache that cannot fit: 1
     # num_workers=1 decodes in a worker process; results match the in-process path.
     assert captioner.caption(images, batch_size=2, num_workers=1, max_new_tokens=5) == (
         captioner.caption(images, batch_size=2, num_workers=0, max_new_tokens=5)
