@@ -102,9 +102,13 @@ def test_five_formats_load_identically(tmp_path, pairs):
 
 def test_single_shard_and_single_parquet_file(tmp_path, pairs):
     sources = write_formats(tmp_path, pairs)
-    for source in (sources["webdataset"] / "shard-000.tar", sources["parquet"] / "train.parquet"):
+    expected = {  # the first shard holds pairs 0-9; the parquet file all 20
+        sources["webdataset"] / "shard-000.tar": [caps for _, caps in pairs[:10]],
+        sources["parquet"] / "train.parquet": [caps for _, caps in pairs],
+    }
+    for source, caps in expected.items():
         dd = load_captions(source, test_size=0)
-        assert len(dd["train"]) in (10, 20) and len(dd["test"]) == 0
+        assert sorted(captions(dd["train"])) == sorted(caps) and len(dd["test"]) == 0, source
 
 
 def test_imagefolder_with_metadata_csv_and_named_columns(tmp_path, pairs):

@@ -145,6 +145,14 @@ def test_eval_command_rejects_unknown_metric_and_split(tiny_model_dir, tmp_path)
     assert isinstance(result.exception, CaptionerError)
     assert "teacher_forced_wer" in str(result.exception)
 
+    from captioner.scenes import generate_scenes
+
+    scenes = generate_scenes(tmp_path / "scenes", n=6)
+    args = ["eval", str(tiny_model_dir), str(scenes), "--split", "validation"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, CaptionerError)
+    assert "no split 'validation'" in str(result.exception) and "train" in str(result.exception)
+
 
 def test_eval_split_follows_the_models_training_config(tmp_path):
     """A model trained with --test_size 0.2 --seed 1 is scored on its own held-out split."""
