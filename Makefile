@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/caption_bench.py
 	$(BIN)/python bench/eval_bench.py
 	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/scenes_bench.py
 
 clean:
 	rm -rf $(VENV) runs bench/out
