@@ -356,11 +356,11 @@ def _prepare(ds, limit: int | None = None):
     from datasets import Image
 
     from captioner.collate import INDEX_COLUMN
+    from captioner.evaluation import subset
 
     if ds is None:
         return None
-    if limit is not None and len(ds) > limit:
-        ds = ds.select(range(limit))
+    ds = subset(ds, limit)
     if isinstance(ds.features.get("image"), Image):
         ds = ds.cast_column("image", Image(decode=False))
     return ds.add_column(INDEX_COLUMN, list(range(len(ds))))
