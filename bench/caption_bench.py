@@ -87,7 +87,7 @@ def run_side(
         seconds = time.perf_counter() - start
         chosen = 1
     else:
-        from captioner.generate import Captioner
+        from captioner.engine import Captioner
 
         captioner = Captioner(model, processor, device="cpu")
         chosen = batch_size or captioner.auto_batch_size(1, 49)

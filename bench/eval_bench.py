@@ -50,8 +50,8 @@ def child(mode: str, n: int, data: Path, model_dir: Path, max_new_tokens: int) -
     import torch
 
     from captioner import evaluation, metrics
-    from captioner.data import load_captions
-    from captioner.generate import Captioner
+    from captioner.data import ImageColumn, load_captions
+    from captioner.engine import Captioner
     from captioner.models import load_model
 
     splits = load_captions(data)
@@ -76,7 +76,7 @@ def child(mode: str, n: int, data: Path, model_dir: Path, max_new_tokens: int) -
         from captioner.images import load_image
 
         logits, labels = [], []
-        images, captions = evaluation.ImageColumn(ds), ds["captions"]
+        images, captions = ImageColumn(ds), ds["captions"]
         for s in range(0, n, 32):
             idx = range(s, min(s + 32, n))
             inputs = processor(

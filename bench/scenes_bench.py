@@ -1,4 +1,4 @@
-"""How long `generate_scenes` takes for 2,000 scenes of each difficulty (issue 2: "2,000 images in
+"""How long `generate_scenes` takes for 2,000 scenes of each difficulty ("2,000 images in
 well under a minute"). Usage: `.venv/bin/python bench/scenes_bench.py`; prints a Markdown table."""
 
 from __future__ import annotations

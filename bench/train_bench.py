@@ -12,7 +12,7 @@ Each run is its own process, so `ru_maxrss` is that run's own peak.
                 padding to 512). The decoder therefore has git-base's vocabulary and positions.
   guide_preset  the same guide code on captioner's `tiny` preset directory (its trained ~150-word
                 vocabulary; "max_length" is then its 64 positions): the pipeline alone.
-  ours          `captioner.train.train` on the `tiny` preset: dynamic padding, -100 labels, one
+  ours          `captioner.training.train` on the `tiny` preset: dynamic padding, -100 labels, one
                 caption per epoch, pixel cache + a DataLoader worker, generation eval.
   ours_small    the same on the `small` preset (128 px, 16 px patches, 4+4 layers of 256): MFU.
 
@@ -187,27 +187,28 @@ def run_ours(preset: str, data: Path, steps: int, out: Path) -> dict:
     from captioner.collate import CaptionCollator
     from captioner.data import load_captions
     from captioner.models import load_model
-    from captioner.train import TrainConfig, _prepare, train
+    from captioner.training import _with_index, parse_train_args, train
 
     timer = timer_callback()
-    config = TrainConfig.from_dict(
-        {
-            "model": preset,
-            "data": str(data),
-            "output_dir": str(out),
-            "pixel_cache": str(out / "pixel_cache"),  # starts cold: the 1st epoch fills it
-            "eval_max_samples": EVAL_SAMPLES,
-            "max_steps": steps,
-            "per_device_train_batch_size": BATCH,
-            "per_device_eval_batch_size": BATCH,
-            "eval_strategy": "steps",
-            "eval_steps": steps,
-            "logging_steps": 50,
-        }
+    flags = {
+        "model": preset,
+        "data": str(data),
+        "output_dir": str(out),
+        "pixel_cache": str(out / "pixel_cache"),  # starts cold: the 1st epoch fills it
+        "max_eval_samples": EVAL_SAMPLES,
+        "max_steps": steps,
+        "per_device_train_batch_size": BATCH,
+        "per_device_eval_batch_size": BATCH,
+        "eval_strategy": "steps",
+        "eval_steps": steps,
+        "logging_steps": 50,
+    }
+    model_args, data_args, decoding, training_args = parse_train_args(
+        [a for k, v in flags.items() for a in (f"--{k}", str(v))]
     )
-    train(config, callbacks=[timer])
+    train(model_args, data_args, training_args, decoding, callbacks=[timer])
     model, processor = load_model(out)
-    rows = _prepare(load_captions(data)["train"]).select(range(BATCH))
+    rows = _with_index(load_captions(data)["train"]).select(range(BATCH))
     batch = CaptionCollator(processor)([rows[i] for i in range(BATCH)])
     results = json.loads((out / "all_results.json").read_text())
     return {

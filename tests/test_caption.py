@@ -16,9 +16,9 @@ from conftest import make_images
 from PIL import Image
 from typer.testing import CliRunner
 
-from captioner.caption import caption_files, expand_inputs
 from captioner.cli import app
 from captioner.errors import CaptionerError
+from captioner.jobs.caption import caption_files, expand_inputs
 
 FAST = ["--max_new_tokens", "8", "--no_progress"]
 
@@ -164,14 +164,14 @@ def test_stdin_list_and_offline_url_become_rows(chatty_model_dir, tmp_path):
 
 
 def test_decoding_flags_reach_the_engine(chatty_model_dir, tmp_path, monkeypatch):
-    from captioner.generate import Captioner
+    from captioner.engine import Captioner
 
     seen = {}
     caption_iter = Captioner.caption_iter
 
-    def spy(self, images, **kwargs):
-        seen.update(kwargs)
-        return caption_iter(self, images, **kwargs)
+    def spy(self, images, decoding=None, **kwargs):
+        seen.update(decoding.to_dict())
+        return caption_iter(self, images, decoding, **kwargs)
 
     monkeypatch.setattr(Captioner, "caption_iter", spy)
     path = make_images(tmp_path / "images", 1)[0]

@@ -135,7 +135,7 @@ def test_tokenizer_without_pad_is_refused():
 
 def test_epoch_reaches_dataloader_workers(tmp_path):
     """Workers get a copy of the collator when each epoch's iterator starts, so setting `epoch`
-    before iterating (train.py's on_epoch_begin callback) changes the draw inside workers too."""
+    before iterating (training.py's on_epoch_begin callback) changes the draw inside workers too."""
     paths = make_images(tmp_path, 8)
     caps = [["a red circle", "a blue square", "a green triangle", "a white circle"]] * 8
     collator = CaptionCollator(_processor())

@@ -10,7 +10,7 @@ import webdataset as wds
 from conftest import png_header
 from PIL import Image
 
-from captioner.data import check_source, load_captions
+from captioner.data import load_captions, scan_source
 from captioner.errors import CaptionerError
 
 
@@ -218,7 +218,7 @@ def make_corpus(root):
 
 def test_bad_input_corpus_in_a_sidecar_folder(tmp_path, caplog):
     expected = make_corpus(tmp_path / "corpus")
-    bad = check_source(tmp_path / "corpus")
+    bad = scan_source(tmp_path / "corpus", full=True).bad
     found = {b.file.rsplit("/", 1)[-1]: b.reason for b in bad}
     assert set(found) == set(expected), found
     for name, reason in expected.items():
@@ -249,7 +249,7 @@ def test_bad_manifest_rows(tmp_path):
     ]
     manifest = tmp_path / "data" / "m.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
-    found = {b.file: b.reason for b in check_source(manifest)}
+    found = {b.file: b.reason for b in scan_source(manifest, full=True).bad}
     assert "file not found" in found[str(tmp_path / "data" / "missing.png")]
     assert "outside the manifest's folder" in found["../outside.png"]
     assert "outside the manifest's folder" in found["/etc/hostname"]
@@ -268,7 +268,7 @@ def test_bad_imagefolder_and_webdataset_samples(tmp_path):
     rows = [{"file_name": "a.png", "text": "ok"}, {"file_name": "b.png", "text": None}]
     rows.append({"file_name": "gone.png", "text": "missing"})
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    found = {b.file.rsplit("/", 1)[-1]: b.reason for b in check_source(folder)}
+    found = {b.file.rsplit("/", 1)[-1]: b.reason for b in scan_source(folder, full=True).bad}
     assert found == {
         "b.png": "no caption",
         "gone.png": "file not found",
@@ -282,7 +282,9 @@ def test_bad_imagefolder_and_webdataset_samples(tmp_path):
         sink.write({"__key__": "latin", "png": png, "txt": "caf\xe9".encode("latin-1")})
         sink.write({"__key__": "two", "png": png, "jpg": png, "txt": "which one?"})
         sink.write({"__key__": "junk", "png": b"not a png", "txt": "broken image"})
-    found = {b.file.rsplit("/", 1)[-1]: b.reason for b in check_source(tmp_path / "s.tar")}
+    found = {
+        b.file.rsplit("/", 1)[-1]: b.reason for b in scan_source(tmp_path / "s.tar", full=True).bad
+    }
     assert found == {
         "nocap.png": "no caption",
         "noimg": "no image",
@@ -301,7 +303,7 @@ def test_truncated_shard_is_reported(tmp_path):
             sink.write({"__key__": f"k{i}", "png": (tmp_path / "a.png").read_bytes(), "txt": "x"})
     data = (tmp_path / "full.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
-    found = check_source(tmp_path / "cut.tar")
+    found = scan_source(tmp_path / "cut.tar", full=True).bad
     assert [b.file for b in found] == [str(tmp_path / "cut.tar")]
     assert "unreadable tar shard" in found[0].reason
 
@@ -372,5 +374,5 @@ def test_loading_checks_headers_and_data_check_decodes(tmp_path):
     for stem in ("good", "cut"):
         (root / f"{stem}.txt").write_text("noise")
     assert len(load_captions(root, test_size=0)["train"]) == 2
-    found = {b.file.rsplit("/", 1)[-1]: b.reason for b in check_source(root)}
+    found = {b.file.rsplit("/", 1)[-1]: b.reason for b in scan_source(root, full=True).bad}
     assert list(found) == ["cut.jpg"] and "truncated" in found["cut.jpg"]

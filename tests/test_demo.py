@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from captioner.demo import DemoConfig, best_constant_caption
+from captioner.jobs.demo import DemoConfig, best_constant_caption
 from captioner.metrics import closest_reference
 
 
@@ -30,9 +30,9 @@ def test_best_constant_caption_picks_the_majority_phrasing():
 def test_short_demo_writes_everything_and_beats_a_constant_caption(tmp_path):
     """A 2-minute version of `captioner demo`: every output exists, the model loads with plain
     transformers, and a trained model scores visibly better than the best constant caption."""
-    from captioner.demo import run_demo
+    from captioner.jobs.demo import run_demo
 
-    config = DemoConfig(output_dir=str(tmp_path / "demo"), num_scenes=700, eval_max_samples=16)
+    config = DemoConfig(output_dir=str(tmp_path / "demo"), num_scenes=700, max_eval_samples=16)
     config.training_args.update(num_train_epochs=4, logging_steps=5)
     summary = run_demo(config)
     out = tmp_path / "demo"
@@ -60,7 +60,7 @@ def test_short_demo_writes_everything_and_beats_a_constant_caption(tmp_path):
     )
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert plain.returncode == 0, plain.stderr[-2000:]
-    from captioner.generate import Captioner
+    from captioner.engine import Captioner
 
     ours = Captioner.from_pretrained(out / "model").caption([out / "scenes" / "00000.png"])[0]
     assert plain.stdout.strip().splitlines()[-1] == ours

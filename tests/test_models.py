@@ -46,12 +46,3 @@ def test_hub_id_offline_is_one_clear_error():
 def test_unknown_preset():
     with pytest.raises(CaptionerError, match="unknown preset"):
         build_preset("huge", ["a caption"], "/tmp/never")
-
-
-def test_push_fails_with_one_line_offline_or_without_a_model(tiny_model_dir, tmp_path):
-    from captioner.models import push_to_hub
-
-    with pytest.raises(CaptionerError, match="not a model directory"):
-        push_to_hub(tmp_path, "someone/model")
-    with pytest.raises(CaptionerError, match="Hub is unreachable"):
-        push_to_hub(tiny_model_dir, "someone/model")  # HF_HUB_OFFLINE=1 in conftest

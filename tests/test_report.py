@@ -1,10 +1,15 @@
-"""Sample grid (issue 2): `plot_samples` and `captioner show`."""
+"""Reports: the sample grid (`plot_samples`, `captioner show`), training curves and the HTML
+evaluation report."""
+
+import subprocess
+import sys
+import textwrap
 
 from PIL import Image
 from typer.testing import CliRunner
 
 from captioner.cli import app
-from captioner.report import plot_samples
+from captioner.report import plot_samples, write_eval_report
 
 
 def test_plot_samples_writes_a_grid_png(tmp_path):
@@ -24,7 +29,7 @@ def test_scenes_show_check_run_clean(tmp_path):
     """The issue's acceptance line: scenes -> show -> check, all exit 0."""
     runner = CliRunner()
     out, png = tmp_path / "s", tmp_path / "g.png"
-    result = runner.invoke(app, ["data", "scenes", str(out), "--n", "200"])
+    result = runner.invoke(app, ["data", "scenes", str(out), "--num_scenes", "200"])
     assert result.exit_code == 0, result.output
     assert len(list(out.glob("*.png"))) == 200
     result = runner.invoke(app, ["show", str(out), "-o", str(png)])
@@ -33,9 +38,6 @@ def test_scenes_show_check_run_clean(tmp_path):
     result = runner.invoke(app, ["data", "check", str(out)])
     assert result.exit_code == 0, result.output
     assert "200 examples: 200 ok" in result.output and "0 bad" in result.output
-
-
-# --- HTML evaluation report (issue 4) ---
 
 
 def _eval_result(name: str, preds: list[str], ciders: list[float]):
@@ -61,8 +63,6 @@ def test_eval_report_is_self_contained_worst_first_and_escaped(tmp_path):
     import re
 
     from conftest import make_images
-
-    from captioner.report import write_eval_report
 
     images = [str(p) for p in make_images(tmp_path / "img", 3)]
     a = _eval_result("model-a", ["a red square", "", "a green circle"], [10.0, 0.0, 2.5])
@@ -92,7 +92,6 @@ def test_eval_report_survives_an_unreadable_image(tmp_path):
     from conftest import make_images
 
     from captioner.evaluation import TEACHER_FORCED_NOTE
-    from captioner.report import write_eval_report
 
     images = [str(p) for p in make_images(tmp_path / "img", 2)] + [str(tmp_path / "gone.png")]
     a = _eval_result("m", ["x", "y", "z"], [1.0, 2.0, 0.5])
@@ -100,3 +99,44 @@ def test_eval_report_survives_an_unreadable_image(tmp_path):
     assert html.count("data:image/jpeg;base64,") == 2
     assert "gone.png" in html and "file not found" in html
     assert TEACHER_FORCED_NOTE not in html  # only shown when the guide's number was asked for
+
+
+def test_eval_report_escapes_markup_in_captions_names_and_title(tmp_path):
+    from conftest import make_images
+
+    images = [str(p) for p in make_images(tmp_path / "img", 3)]
+    script = "<script>alert('x')</script>"
+    a = _eval_result("<b>model</b>", [script, "ok", "fine"], [1.0, 2.0, 3.0])
+    path = write_eval_report(
+        tmp_path / "r.html", [a], images, title="<i>t</i>", info={"<k>": "<v>"}
+    )
+    html = path.read_text()
+    assert "<script>" not in html and "&lt;script&gt;alert(" in html and "&lt;/script&gt;" in html
+    assert "<b>model</b>" not in html and "&lt;b&gt;model&lt;/b&gt;" in html
+    assert "<i>t</i>" not in html and "&lt;k&gt;: &lt;v&gt;" in html
+
+
+def test_plots_leave_matplotlib_global_state_alone(tmp_path):
+    """No pyplot import and no backend switch: a library must not change its caller's matplotlib.
+    Run in a fresh interpreter, where nothing else has imported pyplot yet."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+
+        import matplotlib
+        from PIL import Image
+
+        from captioner.report import plot_curves, plot_samples
+
+        # the rcParams entry as set, read without resolving it (resolving imports pyplot)
+        before = dict.__getitem__(matplotlib.rcParams, "backend")
+        plot_samples([Image.new("RGB", (8, 8))] * 2, ["a", "b"], {str(tmp_path / "s.png")!r})
+        history = [{{"loss": 1.0, "step": 1}}, {{"eval_loss": 0.5, "eval_cider": 0.1, "step": 1}}]
+        plot_curves(history, {str(tmp_path / "c.png")!r})
+        assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
+        assert dict.__getitem__(matplotlib.rcParams, "backend") == before, "backend was set"
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "c.png").stat().st_size > 0

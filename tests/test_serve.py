@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import functools
+import http.server
 import io
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -29,6 +33,11 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from captioner import cli  # noqa: E402
+from captioner.decoding import DecodingOptions  # noqa: E402
+from captioner.engine import Captioner  # noqa: E402
+from captioner.errors import CaptionerError  # noqa: E402
+from captioner.images import DEFAULT_MAX_PIXELS  # noqa: E402
 from captioner.serve import create_app  # noqa: E402
 from captioner.serve.batcher import Batcher  # noqa: E402
 
@@ -78,12 +87,22 @@ class FakeCaptioner:
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
-        self.calls: list[tuple[int, dict]] = []
+        self.calls: list[tuple[int, DecodingOptions]] = []
         self.lock = threading.Lock()
 
-    def caption(self, images, **options) -> list[str]:
+    def caption(
+        self,
+        images,
+        decoding: DecodingOptions | None = None,
+        *,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        progress=None,
+        **overrides,
+    ) -> list[str]:
+        decoding = (decoding or DecodingOptions()).replace(**overrides)
         with self.lock:
-            self.calls.append((len(images), options))
+            self.calls.append((len(images), decoding))
         time.sleep(self.delay_s)
         return [f"{im.size[0]}x{im.size[1]} rgb{im.getpixel((0, 0))}" for im in images]
 
@@ -119,7 +138,7 @@ def test_several_files_keep_their_order_and_names():
     results = r.json()["results"]
     assert [x["filename"] for x in results] == ["a.png", "b.jpg", "c.webp"]
     assert [x["caption"].split()[0] for x in results] == ["10x10", "20x12", "8x9"]
-    assert all(opts["num_beams"] == 2 and opts["max_new_tokens"] == 7 for _, opts in fake.calls)
+    assert all(d.num_beams == 2 and d.max_new_tokens == 7 for _, d in fake.calls)
 
 
 def test_json_data_url_and_health_and_page():
@@ -137,22 +156,50 @@ def test_json_data_url_and_health_and_page():
 
 
 def test_json_http_url_is_downloaded(tmp_path):
-    import functools
-    import http.server
-
     (tmp_path / "a.png").write_bytes(png(24, 20))
+    (tmp_path / "big.png").write_bytes(noise_png(100))  # ~30 KB
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_address[1]}"
     try:
-        with client_for() as client:
+        with client_for(max_upload_bytes=20_000) as client:
             ok = client.post("/caption", json={"url": base + "/a.png"})
             missing = client.post("/caption", json={"url": base + "/nope.png"})
+            big = client.post("/caption", json={"url": base + "/big.png"})
     finally:
         files.shutdown()
     assert ok.status_code == 200 and ok.json()["caption"].startswith("24x20"), ok.text
-    assert missing.status_code == 422 and "HTTP 404" in missing.json()["detail"]
+    assert missing.status_code == 422, missing.text
+    assert missing.json()["detail"] == f"{base}/nope.png: download failed (HTTP 404)"
+    assert big.status_code == 413 and "big.png" in big.json()["detail"], big.text
+
+
+def test_decoding_options_reach_the_captioner_as_one_decoding_options():
+    fake = FakeCaptioner()
+    url = "data:image/png;base64," + base64.b64encode(png(16, 16)).decode()
+    form = {"do_sample": "true", "top_p": "0.5", "bad_words": ["red", "blue,green"]}
+    with client_for(fake) as client:
+        r1 = client.post("/caption", files={"file": ("a.png", png(), "image/png")}, data=form)
+        r2 = client.post("/caption", json={"url": url, "num_beams": 3, "prompt": "a photo of"})
+    assert r1.status_code == 200 and r2.status_code == 200, (r1.text, r2.text)
+    (_, sampled), (_, beams) = fake.calls
+    assert sampled == DecodingOptions(do_sample=True, top_p=0.5, bad_words=["red", "blue,green"])
+    assert sampled.bad_words == ["red", "blue", "green"]
+    assert beams == DecodingOptions(num_beams=3, prompt="a photo of")
+
+
+def test_openapi_request_schema_is_derived_from_decoding_options():
+    with client_for() as client:
+        docs = client.get("/openapi.json").json()
+    content = docs["paths"]["/caption"]["post"]["requestBody"]["content"]
+    form = content["multipart/form-data"]["schema"]["properties"]
+    body = content["application/json"]["schema"]
+    assert body["required"] == ["url"]
+    for name in dataclasses.asdict(DecodingOptions()):
+        assert name in form and name in body["properties"], name
+    assert form["num_beams"]["minimum"] == 1 and form["num_beams"]["description"]
+    assert "file" in form and "files" in form
 
 
 # ---- 401 ----
@@ -243,6 +290,10 @@ def test_broken_image_is_422():
         {"files": {"file": ("a.png", png(), "image/png")}, "data": {"temperature": "0.7"}},
         {"data": {"file": "not a file"}, "files": {"other": ("a.png", png(), "image/png")}},
         {"json": {"num_beams": 1}},  # no url
+        {"json": {"url": 5}},
+        {"json": ["data:image/png;base64,AAAA"]},
+        {"json": {"url": "data:image/png;base64,AAAA", "beams": 2}},
+        {"json": {"url": "data:image/png;base64,AAAA", "num_beams": "two"}},
         {"json": {"url": "file:///etc/passwd"}},
         {"json": {"url": "data:image/png;base64,@@@"}},
         {"content": b"{not json", "headers": {"content-type": "application/json"}},
@@ -255,6 +306,31 @@ def test_malformed_requests_are_422(kwargs):
     assert r.status_code == 422, r.text
     assert isinstance(r.json()["detail"], str) and r.json()["detail"]
     assert fake.calls == []  # rejected before reaching the model
+
+
+# ---- settings ----
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"max_batch_size": 0}, "--max_batch_size must be >= 1, got 0"),
+        ({"max_wait_ms": -1}, "--max_wait_ms must be >= 0, got -1"),
+        ({"max_upload_bytes": 0}, "--max_upload_bytes must be >= 1, got 0"),
+        ({"max_pixels": 0}, "--max_pixels must be >= 1, got 0"),
+        ({"max_files": 0}, "--max_files must be >= 1, got 0"),
+        ({"max_queue": 0}, "--max_queue must be >= 1, got 0"),
+        ({"api_key": ""}, "--api_key must not be empty"),
+        ({"api_key": "  "}, "--api_key must not be empty"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(setting, message):
+    with pytest.raises(CaptionerError, match=re.escape(message)):
+        create_app(FakeCaptioner(), **setting)
+
+
+def test_default_pixel_limit_is_the_image_loaders():
+    assert create_app(FakeCaptioner()).state.settings.max_pixels == DEFAULT_MAX_PIXELS
 
 
 # ---- dynamic batching ----
@@ -283,7 +359,7 @@ def test_concurrent_requests_share_generate_calls_and_get_their_own_caption():
     assert sum(sizes) == 16 and max(sizes) > 1 and len(sizes) < 16, sizes
     assert max(sizes) <= 8 and stats["largest_batch"] == max(sizes)
     # Requests with different decoding options never share a call.
-    assert {opts["num_beams"] for _, opts in fake.calls} == {1, 2}
+    assert {d.num_beams for _, d in fake.calls} == {1, 2}
 
 
 def test_max_batch_size_one_turns_batching_off():
@@ -343,8 +419,6 @@ def test_zero_wait_still_batches_what_queued_during_a_call():
 
 
 def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
-    from captioner import cli
-
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import fails as if not installed
     monkeypatch.setattr(sys, "argv", ["captioner", "serve", "some-model"])
     with pytest.raises(SystemExit) as exit_info:
@@ -355,8 +429,6 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
 
 
 def test_real_tiny_model_caption_matches_engine(tiny_model_dir):
-    from captioner.generate import Captioner
-
     captioner = Captioner.from_pretrained(tiny_model_dir)
     image = png(48, 48, (30, 60, 220))
     expected = captioner.caption([Image.open(io.BytesIO(image))], max_new_tokens=5)[0]

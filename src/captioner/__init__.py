@@ -1,3 +1,53 @@
-from importlib.metadata import version as _v
+"""captioner: fine-tune, evaluate, run and serve image-captioning models with transformers.
 
-__version__ = _v("captioner")
+The public API (loaded on first use, so that `import captioner` and `captioner --help` stay fast:
+the engine and training import torch, which takes seconds):
+
+    Captioner         the batched captioning engine (`Captioner.from_pretrained(dir or Hub id)`)
+    DecodingOptions   how captions are decoded (beams, length, sampling, prompt, bad words)
+    load_captions     any dataset source -> DatasetDict{"train", "test"} of {image, captions}
+    load_model        (model, processor) for a model folder or Hub id
+    train             fine-tune with transformers' Trainer (see captioner.training)
+    evaluate          generate captions for a split and score them (see captioner.evaluation)
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
+
+__version__ = _version("captioner")
+
+# name -> module that defines it
+_API = {
+    "Captioner": "captioner.engine",
+    "DecodingOptions": "captioner.decoding",
+    "load_captions": "captioner.data",
+    "load_model": "captioner.models",
+    "train": "captioner.training",
+    "evaluate": "captioner.evaluation",
+}
+__all__ = [
+    "Captioner",
+    "DecodingOptions",
+    "evaluate",
+    "load_captions",
+    "load_model",
+    "train",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from captioner.data import load_captions
+    from captioner.decoding import DecodingOptions
+    from captioner.engine import Captioner
+    from captioner.evaluation import evaluate
+    from captioner.models import load_model
+    from captioner.training import train
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'captioner' has no attribute {name!r}")
+    return getattr(importlib.import_module(_API[name]), name)

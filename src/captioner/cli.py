@@ -1,18 +1,36 @@
-"""The `captioner` command: a thin typer shell over the library.
+"""The `captioner` command: a thin typer shell over the library and the jobs.
 
-Each command parses flags (spelled with underscores, as TrainingArguments spells them), calls one
-library function, and turns expected failures (`CaptionerError`) into one red line and exit 1.
+Each command parses flags, calls one library function or job, and turns expected failures
+(`CaptionerError`, and click's usage errors) into one red line and a non-zero exit. Flags are
+spelled with underscores, as TrainingArguments spells them. The decoding flags and the data flags
+are generated from their dataclasses (`DecodingOptions`, `DataArguments`), so every command names
+an idea the same way and a new option appears everywhere at once.
+
+The modules that import torch (the engine, training, the jobs, the server) are imported inside
+the command that uses them: `captioner --help` must not pay torch's seconds-long import (a test
+checks that it does not). Process-wide settings (torch threads, logging, OpenMP waiting) are made
+here, by the entry points, never by the library.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import logging
 import os
 import sys
+import typing
+from collections.abc import Callable
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
+from captioner.data import DataArguments
+from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
 
 app = typer.Typer(
@@ -25,15 +43,78 @@ data_app = typer.Typer(help="Inspect, check and generate caption datasets.", no_
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
+# The data options every dataset-reading command takes (train takes them through its parser).
+DATA_FLAGS = ("image_column", "caption_column", "test_size", "on_bad_image", "max_pixels")
 
-# --- data commands (issue 2) ---
+
+def dataclass_flags(cls: type, param: str, *, only: tuple[str, ...] | None = None, unset=False):
+    """Decorator: one typer option per field of dataclass `cls` (name, type, default and help
+    from the field), collected into an instance of `cls` passed to the command as `param`.
+
+    With `unset=True` every option defaults to None and the command receives a dict of the
+    options the user gave (for commands whose defaults come from elsewhere, e.g. a saved model).
+    """
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if only is None or f.name in only]
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+        params = [p for p in signature.parameters.values() if p.name != param]
+        annotations = {k: v for k, v in fn.__annotations__.items() if k != param}
+        for f in fields:
+            kind = _plain_type(hints[f.name])
+            default = None if unset else _field_default(f)
+            annotation: Any = list[str] if kind is list else kind | None
+            if kind is bool and not unset:
+                annotation = bool
+            option = typer.Option(default, f"--{f.name}", help=f.metadata.get("help"))
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option))
+            annotations[f.name] = annotation
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name) for f in fields}
+            if unset:
+                kwargs[param] = {k: v for k, v in values.items() if v not in (None, [])}
+            else:
+                kwargs[param] = cls(**values)
+            return fn(*args, **kwargs)
+
+        command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = annotations
+        return command
+
+    return decorate
+
+
+def _plain_type(hint: Any) -> type:
+    if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _data_args(source: str, given: dict[str, Any]) -> DataArguments:
+    return DataArguments(data=source, **given)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- data ---
 
 
 @data_app.command("scenes")
 def data_scenes(
     out: str = typer.Argument(..., help="Folder to write: PNGs + metadata.jsonl (captions)."),
-    n: int = typer.Option(2000, "--n", help="Number of scenes."),
-    seed: int = typer.Option(0, "--seed"),
+    num_scenes: int = typer.Option(2000, "--num_scenes", help="Number of scenes."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same scenes."),
     difficulty: str = typer.Option("easy", "--difficulty", help="easy | medium | hard"),
     image_size: int | None = typer.Option(
         None, "--image_size", help="Pixels a side (default: 64 easy, 96 medium, 128 hard)."
@@ -42,23 +123,26 @@ def data_scenes(
     """Draw the built-in scenes: shapes on backgrounds, 3-5 true captions each (offline)."""
     from captioner.scenes import generate_scenes
 
-    path = generate_scenes(out, n=n, seed=seed, difficulty=difficulty, image_size=image_size)
-    console.print(f"wrote {n} {difficulty} scenes to {path} (PNG + metadata.jsonl)")
+    path = generate_scenes(
+        out, n=num_scenes, seed=seed, difficulty=difficulty, image_size=image_size
+    )
+    console.print(f"wrote {num_scenes} {difficulty} scenes to {path} (PNG + metadata.jsonl)")
 
 
 @data_app.command("check")
+@dataclass_flags(DataArguments, "data_options", only=DATA_FLAGS, unset=True)
 def data_check(
     source: str = typer.Argument(..., help="Folder, manifest, .tar shards or Hub id."),
-    image_column: str | None = typer.Option(None, "--image_column"),
-    caption_column: str | None = typer.Option(None, "--caption_column"),
-    max_pixels: int = typer.Option(50_000_000, "--max_pixels", help="Larger images are bad."),
+    seed: int = typer.Option(0, "--seed", help="Split seed (as for train)."),
+    data_options: dict = None,  # type: ignore[assignment]
 ) -> None:
     """List every bad example (file, reason) and a summary; exit 1 if there is any."""
-    from rich.table import Table
-
     from captioner.data import scan_source
 
-    scan = scan_source(source, image_column, caption_column, max_pixels=max_pixels, full=True)
+    args = _data_args(source, data_options)
+    scan = scan_source(
+        source, args.image_column, args.caption_column, max_pixels=args.max_pixels, full=True
+    )
     if scan.bad:
         longest = max(len(b.file) for b in scan.bad)
         table = Table(title=f"bad examples in {source}", title_justify="left")
@@ -76,134 +160,67 @@ def data_check(
 
 
 @app.command("show")
+@dataclass_flags(DataArguments, "data_options", only=DATA_FLAGS, unset=True)
 def show(
     source: str = typer.Argument(..., help="Any source `captioner data` reads."),
-    n: int = typer.Option(5, "-n", "--n", help="Number of examples."),
+    num_samples: int = typer.Option(5, "-n", "--num_samples", help="Number of examples."),
     output: str = typer.Option("samples.png", "-o", "--output", help="PNG to write."),
-    split: str = typer.Option("train", "--split"),
-    image_column: str | None = typer.Option(None, "--image_column"),
-    caption_column: str | None = typer.Option(None, "--caption_column"),
-    on_bad_image: str = typer.Option("skip", "--on_bad_image", help="skip | fail"),
+    split: str = typer.Option("train", "--split", help="train | test"),
+    seed: int = typer.Option(0, "--seed", help="Split seed (as for train)."),
+    data_options: dict = None,  # type: ignore[assignment]
 ) -> None:
-    """Draw the first N examples with their (first) caption, wrapped, to a PNG."""
-    from captioner.data import load_captions
+    """Draw the first N examples with their (first) caption, wrapped, to a PNG.
+
+    Without --test_size the rows are shown in stored order (the whole set is `train`)."""
     from captioner.report import plot_samples
 
-    dd = load_captions(
-        source,
-        image_column=image_column,
-        caption_column=caption_column,
-        test_size=0,  # dataset order, as stored
-        on_bad_image=on_bad_image,
-    )
+    dd = _data_args(source, {"test_size": 0, **data_options}).load(seed)
     if split not in dd or len(dd[split]) == 0:
         raise CaptionerError(f"{source}: split '{split}' is empty")
-    rows = dd[split].select(range(min(n, len(dd[split]))))
+    rows = dd[split].select(range(min(num_samples, len(dd[split]))))
     path = plot_samples(list(rows["image"]), [c[0] for c in rows["captions"]], output)
     console.print(f"wrote {len(rows)} samples to {path}")
 
 
-# --- train / demo commands (issue 3) ---
+# --- train ---
+
+TRAIN_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train(
-    ctx: typer.Context,
-    model: str | None = typer.Option(None, "--model", help="tiny | small | model dir | Hub id."),
-    data: str | None = typer.Option(None, "--data", help="Any source `captioner data` reads."),
-    output_dir: str | None = typer.Option(
-        None, "--output_dir", help="Checkpoints, final model, metrics and curves go here."
-    ),
-    config: str | None = typer.Option(
-        None, "--config", help="YAML/JSON file with the same keys as these flags (flags win)."
-    ),
-    resume: bool | None = typer.Option(
-        None, "--resume/--no_resume", help="Continue from the newest checkpoint in output_dir."
-    ),
-    image_column: str | None = typer.Option(None, "--image_column", help="Default: image."),
-    caption_column: str | None = typer.Option(
-        None, "--caption_column", help="Default: text (a list column gives several captions)."
-    ),
-    test_size: float | None = typer.Option(None, "--test_size", help="Held-out fraction (0.1)."),
-    seed: int | None = typer.Option(None, "--seed", help="Split, caption draw and init seed."),
-    on_bad_image: str | None = typer.Option(
-        None, "--on_bad_image", help="skip (default; counted) | fail"
-    ),
-    eval_max_samples: int | None = typer.Option(
-        None, "--eval_max_samples", help="Eval captions are generated for this many examples."
-    ),
-    num_beams: int | None = typer.Option(None, "--num_beams", help="Decoding during eval."),
-    max_new_tokens: int | None = typer.Option(
-        None, "--max_new_tokens", help="Longest eval caption (30)."
-    ),
-    early_stopping_patience: int | None = typer.Option(
-        None, "--early_stopping_patience", help="Stop after N evals without a better metric."
-    ),
-    pixel_cache: str | None = typer.Option(None, "--pixel_cache", help="auto | off | a folder."),
-    trust_remote_code: bool | None = typer.Option(
-        None, "--trust_remote_code", help="Allow model code from the Hub repository."
-    ),
-    # TrainingArguments, under their own names (any other one is passed through as well).
-    learning_rate: float | None = typer.Option(None, "--learning_rate"),
-    num_train_epochs: float | None = typer.Option(None, "--num_train_epochs"),
-    max_steps: int | None = typer.Option(None, "--max_steps"),
-    per_device_train_batch_size: int | None = typer.Option(None, "--per_device_train_batch_size"),
-    per_device_eval_batch_size: int | None = typer.Option(None, "--per_device_eval_batch_size"),
-    gradient_accumulation_steps: int | None = typer.Option(None, "--gradient_accumulation_steps"),
-    warmup_steps: float | None = typer.Option(None, "--warmup_steps", help="< 1: a fraction."),
-    warmup_ratio: float | None = typer.Option(None, "--warmup_ratio"),
-    weight_decay: float | None = typer.Option(None, "--weight_decay"),
-    lr_scheduler_type: str | None = typer.Option(None, "--lr_scheduler_type"),
-    eval_strategy: str | None = typer.Option(None, "--eval_strategy", help="no | steps | epoch"),
-    eval_steps: float | None = typer.Option(None, "--eval_steps"),
-    save_strategy: str | None = typer.Option(None, "--save_strategy"),
-    save_steps: float | None = typer.Option(None, "--save_steps"),
-    save_total_limit: int | None = typer.Option(None, "--save_total_limit"),
-    logging_steps: float | None = typer.Option(None, "--logging_steps"),
-    load_best_model_at_end: bool | None = typer.Option(
-        None, "--load_best_model_at_end/--no_load_best_model_at_end"
-    ),
-    metric_for_best_model: str | None = typer.Option(None, "--metric_for_best_model"),
-    fp16: bool | None = typer.Option(None, "--fp16/--no_fp16"),
-    bf16: bool | None = typer.Option(None, "--bf16/--no_bf16"),
-    dataloader_num_workers: int | None = typer.Option(None, "--dataloader_num_workers"),
-    report_to: str | None = typer.Option(None, "--report_to"),
-    push_to_hub: bool | None = typer.Option(None, "--push_to_hub/--no_push_to_hub"),
-    hub_model_id: str | None = typer.Option(None, "--hub_model_id"),
-) -> None:
+@app.command(context_settings=TRAIN_CONTEXT, add_help_option=False)
+def train(ctx: typer.Context) -> None:
     """Fine-tune (or train a from-scratch preset) with transformers' Trainer.
 
-    --model, --data and --output_dir are required (here or in --config). Any other
-    TrainingArguments field is accepted too, under its own name (e.g. --adam_beta2 0.98).
-    Evaluation generates captions and scores them; the best checkpoint is chosen by CIDEr-D.
+    Every TrainingArguments field is a flag under its own name; `captioner train --help` lists
+    them all with captioner's own options (--model, --data, decoding of eval captions, ...).
     """
-    import logging
+    import torch
 
-    from captioner.train import TrainConfig, load_config_file, parse_extra_args
-    from captioner.train import train as run_training
+    from captioner.training import parse_train_args
+    from captioner.training import train as run_training
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    flags = {k: v for k, v in ctx.params.items() if k != "config" and v is not None}
-    for key in ("eval_steps", "save_steps", "logging_steps"):  # 50.0 -> 50 (checkpoint-50)
-        if isinstance(flags.get(key), float) and flags[key].is_integer():
-            flags[key] = int(flags[key])
-    values = {**(load_config_file(config) if config else {}), **parse_extra_args(ctx.args)}
-    path = run_training(TrainConfig.from_dict({**values, **flags}))
+    model_args, data_args, decoding, training_args = parse_train_args(ctx.args)
+    _logging()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # all the cores this process has
+    path = run_training(model_args, data_args, training_args, decoding)
     console.print(f"[green]done:[/] model, metrics and curves.png in {path}")
 
 
-# --- eval commands (issue 4) ---
+# --- eval ---
 
 
 @app.command("eval")
+@dataclass_flags(DecodingOptions, "decoding")
+@dataclass_flags(DataArguments, "data_options", only=(*DATA_FLAGS, "max_eval_samples"), unset=True)
 def eval_command(
     model: str = typer.Argument(..., help="Model directory or Hub id."),
-    data: str = typer.Argument(..., help="Dataset (any source `captioner data` accepts)."),
+    source: str = typer.Argument(..., help="Dataset (any source `captioner data` reads)."),
     split: str = typer.Option("test", "--split", help="Split to evaluate."),
-    num_beams: int = typer.Option(1, "--num_beams", help="Beam width (1: greedy)."),
-    max_new_tokens: int = typer.Option(30, "--max_new_tokens", help="Longest caption in tokens."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Split seed (default: the model's training value, or 0)."
+    ),
     batch_size: int | None = typer.Option(None, "--batch_size", help="Default: automatic."),
-    max_samples: int | None = typer.Option(None, "--max_samples", help="First N images only."),
     output_dir: str | None = typer.Option(
         None, "--output_dir", help="Write metrics.json, samples.jsonl and report.html here."
     ),
@@ -211,73 +228,63 @@ def eval_command(
     metric: list[str] = typer.Option(
         [], "--metric", help="Extra metric: teacher_forced_wer (the guide's number)."
     ),
-    test_size: float | None = typer.Option(
-        None, "--test_size", help="Held-out fraction (default: the model's training value, or 0.1)."
-    ),
-    seed: int | None = typer.Option(
-        None, "--seed", help="Split seed (default: the model's training value, or 0)."
-    ),
-    image_column: str | None = typer.Option(None, "--image_column", help="Image column."),
-    caption_column: str | None = typer.Option(None, "--caption_column", help="Caption column."),
-    on_bad_image: str = typer.Option("skip", "--on_bad_image", help="skip | fail"),
     trust_remote_code: bool = typer.Option(
         False, "--trust_remote_code", help="Allow model code from the Hub repository."
     ),
+    decoding: DecodingOptions = None,  # type: ignore[assignment]
+    data_options: dict = None,  # type: ignore[assignment]
 ) -> None:
     """Generate captions for a split and score them: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, WER.
 
-    The split is the one the model was trained with (test_size and seed from its
-    captioner_config.json) unless --test_size / --seed say otherwise.
+    The split is the one the model was trained with (test_size, seed and columns from its
+    captioner_config.json) unless the data flags say otherwise.
     """
-    from rich.markup import escape
-    from rich.table import Table
-
-    from captioner.evaluation import TEACHER_FORCED_NOTE, run_eval
+    from captioner.evaluation import TEACHER_FORCED_NOTE
+    from captioner.jobs.evaluate import EvalJob, run_eval
     from captioner.report import REPORT_METRICS
 
     unknown = set(metric) - {"teacher_forced_wer"}
     if unknown:
         raise CaptionerError(f"unknown --metric {sorted(unknown)} (available: teacher_forced_wer)")
-    results, tf = run_eval(
-        model,
-        data,
+    job = EvalJob(
+        model=model,
+        data=source,
+        data_options={**data_options, "seed": seed},
         split=split,
         compare=compare,
         teacher_forced="teacher_forced_wer" in metric,
         output_dir=output_dir,
-        trust_remote_code=trust_remote_code,
-        data_options={
-            "test_size": test_size,
-            "seed": seed,
-            "image_column": image_column,
-            "caption_column": caption_column,
-            "on_bad_image": on_bad_image,
-        },
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
+        decoding=decoding,
         batch_size=batch_size,
-        max_samples=max_samples,
+        trust_remote_code=trust_remote_code,
     )
-    table = Table(title=escape(f"{data} [{split}]"))
+    results, teacher_forced = run_eval(job)
+    table = Table(title=escape(f"{source} [{split}]"))
     table.add_column("metric")
     for r in results:
         table.add_column(escape(r.model), justify="right")
-    rows = REPORT_METRICS + ([("teacher_forced_wer", "teacher-forced WER (guide)")] if tf else [])
-    for key, label in rows:
+    tf_row = [("teacher_forced_wer", "teacher-forced WER (guide)")] if teacher_forced else []
+    for key, label in REPORT_METRICS + tf_row:
         values = [r.metrics.get(key) for r in results]
-        fmt = [
-            f"{v:.4f}" if isinstance(v, float) else "n/a" if v is None else str(v) for v in values
-        ]
-        table.add_row(label, *fmt)
+        table.add_row(label, *(_fmt(v) for v in values))
     Console().print(table)
-    if tf:
+    if teacher_forced:
         console.print(f"[dim]{TEACHER_FORCED_NOTE}[/]")
     if output_dir:
         console.print(f"wrote {output_dir}/metrics.json and {output_dir}/report.html")
 
 
-# --- caption commands (issue 5) ---
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "n/a" if value is None else str(value)
+
+
+# --- caption ---
+
+
 @app.command("caption")
+@dataclass_flags(DecodingOptions, "decoding")
 def caption_command(
     model: str = typer.Argument(..., help="Model directory or Hub id."),
     inputs: list[str] = typer.Argument(
@@ -294,50 +301,24 @@ def caption_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace sidecars / --output."),
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --output."),
     batch_size: int | None = typer.Option(None, "--batch_size", help="Default: automatic."),
-    num_beams: int = typer.Option(1, "--num_beams", help="Beam width (1: greedy)."),
-    max_new_tokens: int = typer.Option(30, "--max_new_tokens", help="Longest caption."),
-    do_sample: bool = typer.Option(False, "--do_sample", help="Sample instead of search."),
-    top_p: float | None = typer.Option(None, "--top_p", help="Nucleus sampling mass."),
-    temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature."),
-    num_return_sequences: int = typer.Option(
-        1, "--num_return_sequences", help="Captions per image (a list)."
-    ),
-    repetition_penalty: float | None = typer.Option(
-        None, "--repetition_penalty", help="> 1 discourages repeats."
-    ),
-    prompt: str | None = typer.Option(None, "--prompt", help='Caption prefix: "a drawing of".'),
-    bad_words: list[str] = typer.Option(
-        [], "--bad_words", help="Words never to emit (repeat, or comma-separated)."
-    ),
     seed: int | None = typer.Option(None, "--seed", help="Makes --do_sample repeatable."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: auto)."),
     trust_remote_code: bool = typer.Option(
         False, "--trust_remote_code", help="Allow model code from the Hub repository."
     ),
     progress: bool = typer.Option(True, "--progress/--no_progress", help="Progress bar (stderr)."),
+    decoding: DecodingOptions = None,  # type: ignore[assignment]
 ) -> None:
     """Caption images into JSONL/CSV rows {"image", "caption"} or sidecar .txt files.
 
     Bad images become rows with an "error" field; the exit code is 1 if any failed.
     """
-    from captioner.caption import caption_files
+    import torch
+
+    from captioner.jobs.caption import caption_files
 
     if seed is not None:
-        import torch
-
         torch.manual_seed(seed)
-    decoding = dict(
-        batch_size=batch_size,
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        top_p=top_p,
-        temperature=temperature,
-        num_return_sequences=num_return_sequences,
-        repetition_penalty=repetition_penalty,
-        prompt=prompt,
-        bad_words=[w.strip() for words in bad_words for w in words.split(",") if w.strip()],
-    )
     summary = caption_files(
         model,
         inputs,
@@ -348,12 +329,15 @@ def caption_command(
         overwrite=overwrite,
         resume=resume,
         decoding=decoding,
+        batch_size=batch_size,
         device=device,
         trust_remote_code=trust_remote_code,
         progress=progress,
     )
     for image, reason in summary.failed:
-        console.print(f"[red]failed:[/] {image}: {reason}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]failed:[/] {escape(image)}: {escape(reason)}", highlight=False, soft_wrap=True
+        )
     console.print(
         f"captioned {summary.captioned}, skipped {summary.skipped}, failed {len(summary.failed)}"
     )
@@ -361,7 +345,9 @@ def caption_command(
         raise typer.Exit(1)
 
 
-# --- serve commands (issue 6) ---
+# --- serve ---
+
+
 @app.command()
 def serve(
     model: str = typer.Argument(..., help="Model directory or Hub id (as for `caption`)."),
@@ -378,16 +364,16 @@ def serve(
     max_upload_bytes: int = typer.Option(
         10_000_000, "--max_upload_bytes", help="Per image; larger uploads get 413."
     ),
-    max_pixels: int = typer.Option(
-        25_000_000, "--max_pixels", help="Per image; larger (or bombs) get 422."
+    max_pixels: int | None = typer.Option(
+        None, "--max_pixels", help="Per image; larger (or bombs) get 422 (default: 50 M)."
     ),
-    api_key: str = typer.Option(
+    api_key: str | None = typer.Option(
         None,
         "--api_key",
         envvar="CAPTIONER_API_KEY",
         help="Require this key in X-API-Key (or Bearer).",
     ),
-    device: str = typer.Option(
+    device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
     trust_remote_code: bool = typer.Option(
@@ -404,27 +390,30 @@ def serve(
 
         from captioner.serve import create_app
     except ImportError as err:
-        from rich.markup import escape  # "[serve]" would otherwise be read as rich markup
-
-        msg = f"`captioner serve` needs the serve extra ({err.name} is missing): "
-        console.print("[bold red]error:[/] " + escape(msg + "pip install 'captioner[serve]'"))
-        raise typer.Exit(1) from None
-    from captioner.generate import Captioner
+        raise CaptionerError(
+            f"`captioner serve` needs the serve extra ({err.name} is missing): "
+            "pip install 'captioner[serve]'"
+        ) from None
+    from captioner.engine import Captioner
+    from captioner.images import DEFAULT_MAX_PIXELS
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print(f"[yellow]warning:[/] listening on {host} without --api_key")
-    captioner = Captioner.from_pretrained(model, device=device, trust_remote_code=trust_remote_code)
-    web = create_app(
-        captioner,
+    settings = dict(
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
         max_upload_bytes=max_upload_bytes,
-        max_pixels=max_pixels,
+        max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
         api_key=api_key,
         model_name=model,
     )
+    create_app(None, **settings)  # bad settings fail here, before the model loads
+    captioner = Captioner.from_pretrained(model, device=device, trust_remote_code=trust_remote_code)
     console.print(f"serving [bold]{model}[/] at http://{host}:{port}/  (API docs: /docs)")
-    uvicorn.run(web, host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(captioner, **settings), host=host, port=port, log_level="warning")
+
+
+# --- push ---
 
 
 @app.command()
@@ -438,49 +427,50 @@ def push(
     Checkpoints are left out; the repository then loads with plain
     AutoModelForCausalLM / AutoProcessor.from_pretrained("you/name").
     """
-    from captioner.models import push_to_hub
+    from captioner.hub import push_to_hub
 
     console.print(f"pushed: {push_to_hub(model_dir, hub_model_id, private=private)}")
 
 
-# --- demo (lead) ---
+# --- demo ---
+
+
 @app.command()
 def demo(
-    output_dir: str = typer.Option(
-        "runs/demo", "--output_dir", help="Where everything is written."
-    ),
+    output_dir: str = typer.Option("runs/demo", "--output_dir", help="Where everything goes."),
     num_scenes: int = typer.Option(4000, "--num_scenes", help="Scenes to generate (train + test)."),
-    difficulty: str = typer.Option(
-        "easy", "--difficulty", help="Scene setting: easy, medium or hard."
-    ),
-    preset: str = typer.Option(
-        "tiny", "--preset", help="From-scratch model preset: tiny or small."
-    ),
-    num_train_epochs: float = typer.Option(
+    difficulty: str = typer.Option("easy", "--difficulty", help="easy | medium | hard"),
+    model: str = typer.Option("tiny", "--model", help="What to train (as for train --model)."),
+    num_train_epochs: float | None = typer.Option(
         None, "--num_train_epochs", help="Override the demo's epoch count."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for scenes, split and training."),
 ) -> None:
-    """Generate scenes, train a from-scratch model, evaluate, caption and report.
+    """Generate scenes, train a model, evaluate, caption and report, offline.
 
-    The built-in end-to-end job, offline: about 10 minutes on 2 CPU cores. Prints the model's
-    WER next to the best constant caption's, and where every output is.
+    Prints the model's scores next to the best constant caption's, and where every output is.
     """
-    from rich.table import Table
+    import torch
 
-    from captioner.demo import DemoConfig, run_demo
+    from captioner.jobs.demo import DemoConfig, run_demo
 
+    _logging()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     config = DemoConfig(
         output_dir=output_dir,
         num_scenes=num_scenes,
         difficulty=difficulty,
-        preset=preset,
+        model=model,
         seed=seed,
     )
     if num_train_epochs is not None:
         config.training_args["num_train_epochs"] = num_train_epochs
     out = Console()
-    summary = run_demo(config, console=out)
+    summary = run_demo(config, say=out.print)
+    _print_demo_summary(out, summary, config.output_dir)
+
+
+def _print_demo_summary(out: Console, summary: dict[str, Any], root: str) -> None:
     table = Table(title="held-out scenes")
     table.add_column("metric")
     table.add_column("model", justify="right")
@@ -490,34 +480,39 @@ def demo(
     )
     table.add_row("CIDEr-D", f"{summary['cider']:.3f}", f"{summary['constant_caption_cider']:.3f}")
     for key in ("bleu_4", "meteor", "rouge_l", "exact_match"):
-        table.add_row(key, f"{summary[key]:.3f}", "")
+        table.add_row(key, _fmt(summary.get(key)), "")
     out.print(table)
-    out.print(f"constant caption: [italic]{summary['constant_caption']}[/]")
+    out.print(f"constant caption: [italic]{escape(summary['constant_caption'])}[/]")
     for s in summary["samples"]:
         out.print(f"  {s['caption']!r:45} reference: {s['references'][0]!r}", soft_wrap=True)
-    root = config.output_dir
     out.print(
-        f"\nmodel      {root}/model  (AutoModelForCausalLM / AutoProcessor.from_pretrained)\n"
+        f"\nmodel      {root}/model  (loads with plain transformers from_pretrained)\n"
         f"report     {root}/report.html\nsamples    {root}/samples.png\n"
         f"curves     {root}/model/curves.png\nmetrics    {root}/metrics.json\n"
         f"time       {summary['total_minutes']} min",
         soft_wrap=True,
     )
-    out.print(
-        f"WER {summary['wer']:.3f} = {summary['wer_vs_constant']:.2f} x the best constant "
-        f"caption's {summary['constant_caption_wer']:.3f}",
-        soft_wrap=True,
-    )
 
 
 def main() -> None:
-    """Entry point: run the app, print expected errors as one line instead of a traceback."""
+    """Entry point: run the app; expected errors are one line, never a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app()
+        code = app(standalone_mode=False)
     except CaptionerError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
         sys.exit(1)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except typer.TyperException as err:  # click's usage errors: its message, on one line
+        if type(err).__name__ == "NoArgsIsHelpError":  # `captioner` alone: the help, exit 0
+            typer.echo(err.ctx.get_help())
+            sys.exit(0)
+        message = " ".join(err.format_message().split())
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def _file_hash(src: Any) -> str | None:
 @dataclass
 class CaptionCollator:
     """Turns rows `{image, captions}` into a model batch. Set `epoch` before each epoch's loader
-    is iterated (train.py does it in a callback) so the drawn captions change across epochs."""
+    is iterated (training.py does it in a callback) so the drawn captions change across epochs."""
 
     processor: Any
     seed: int = 0

@@ -12,12 +12,18 @@ TEACHER_FORCED_NOTE for why it says little about caption quality).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
+import jiwer
+import torch
+
 from captioner import metrics
+from captioner.data import ImageColumn, first_rows
+from captioner.decoding import DecodingOptions
+from captioner.engine import Captioner, ProgressFn
 from captioner.errors import BadImageError, CaptionerError
+from captioner.images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -39,73 +45,36 @@ class EvalResult:
     options: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"index", "error"}
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class ImageColumn(Sequence):
-    """`dataset[i]["image"]` on demand, undecoded ({"bytes", "path"}): the captioning loader
-    decodes each image in its worker, so the split is never held in memory as pixels."""
-
-    def __init__(self, dataset) -> None:
-        from datasets import Image
-
-        self.dataset = dataset.cast_column("image", Image(decode=False))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self.dataset[i]["image"]
-
-
-def subset(dataset, max_samples: int | None):
-    """The first `max_samples` rows (a fixed subset, the same at every evaluation)."""
-    if max_samples is not None and max_samples < len(dataset):
-        return dataset.select(range(max_samples))
-    return dataset
-
 
 def evaluate(
-    captioner,
+    captioner: Captioner,
     dataset,
+    decoding: DecodingOptions | None = None,
     *,
     model_name: str = "model",
-    num_beams: int = 1,
-    max_new_tokens: int = 30,
     batch_size: int | None = None,
     max_samples: int | None = None,
-    progress: bool = False,
-    **generate_kwargs,
+    progress: ProgressFn | None = None,
+    **options: Any,
 ) -> EvalResult:
     """Generate a caption for every image of `dataset` (columns `image`, `captions`) and score it.
 
-    Images that cannot be read are skipped (listed in `result.skipped`), not fatal.
+    Decoding options come as `decoding` and/or keywords (`max_new_tokens=8`), as for
+    `Captioner.caption`. Images that cannot be read are skipped (listed in `result.skipped`).
     """
     _check_columns(dataset)
-    dataset = subset(dataset, max_samples)
+    decoding = (decoding or DecodingOptions()).replace(**options)
+    dataset = first_rows(dataset, max_samples)
     if len(dataset) == 0:
         raise CaptionerError("the evaluation split is empty: nothing to evaluate")
     references = [list(c) for c in dataset["captions"]]
-    options = dict(
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        max_samples=max_samples,
-        **generate_kwargs,
-    )
+    settings = {**decoding.to_dict(), "batch_size": batch_size, "max_samples": max_samples}
     preds: dict[int, str] = {}
     skipped = []
-    for i, caption in captioner.caption_iter(
-        ImageColumn(dataset),
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-        **generate_kwargs,
-    ):
+    results = captioner.caption_iter(
+        ImageColumn(dataset), decoding, batch_size=batch_size, progress=progress
+    )
+    for i, caption in results:
         if isinstance(caption, BadImageError):
             log.warning("skipping image %d: %s", i, caption)
             skipped.append({"index": i, "error": str(caption)})
@@ -120,7 +89,7 @@ def evaluate(
         for i, s in zip(order, scores.samples, strict=True)
     ]
     corpus = dict(scores.corpus, num_skipped=len(skipped))
-    return EvalResult(model_name, corpus, rows, options, skipped)
+    return EvalResult(model_name, corpus, rows, settings, skipped)
 
 
 def teacher_forced_wer(
@@ -135,18 +104,13 @@ def teacher_forced_wer(
     edits over total reference words). Unlike the guide's Trainer, logits are reduced to argmax
     batch by batch instead of being gathered for the whole split.
     """
-    import jiwer
-    import torch
-
-    from captioner.images import load_image
-
     if model.config.model_type not in ("git", "blip"):
         raise CaptionerError(
             "teacher_forced_wer reproduces the guide's GIT recipe (input_ids as labels); "
             f"it does not apply to model type '{model.config.model_type}'"
         )
     _check_columns(dataset)
-    dataset = subset(dataset, max_samples)
+    dataset = first_rows(dataset, max_samples)
     images = ImageColumn(dataset)
     captions = dataset["captions"]
     device = next(model.parameters()).device
@@ -168,87 +132,6 @@ def teacher_forced_wer(
         labels_text += processor.batch_decode(inputs["labels"], skip_special_tokens=True)
         preds_text += processor.batch_decode(predicted, skip_special_tokens=True)
     return float(jiwer.wer(labels_text, preds_text))
-
-
-def split_options(model: str, given: dict) -> dict:
-    """`load_captions` options for evaluating `model`: the user's, else the test_size / seed /
-    columns the model was trained with (its `captioner_config.json`), so a model trained with
-    `--test_size 0.2 --seed 1` is scored on its own held-out split, not on training images."""
-    import json
-    from pathlib import Path
-
-    saved_path = Path(model) / "captioner_config.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-    keys = ("test_size", "seed", "image_column", "caption_column", "on_bad_image")
-    options = {k: saved[k] for k in keys if saved.get(k) is not None}
-    options.update({k: v for k, v in given.items() if v is not None})
-    return options
-
-
-def run_eval(
-    model: str,
-    data: str,
-    *,
-    split: str = "test",
-    compare: str | None = None,
-    teacher_forced: bool = False,
-    output_dir: str | None = None,
-    trust_remote_code: bool = False,
-    data_options: dict | None = None,
-    **options,
-) -> tuple[list[EvalResult], dict[str, float] | None]:
-    """`captioner eval`: evaluate `model` (and `compare`) on `data`'s `split`, write the report.
-
-    `options` go to `evaluate` (num_beams, max_new_tokens, batch_size, max_samples). With
-    `output_dir`: metrics.json (the first model's metrics at top level, the other's under
-    "compare"), samples.jsonl per model, and the self-contained report.html.
-    """
-    import json
-    from pathlib import Path
-
-    from captioner.data import load_captions
-    from captioner.generate import Captioner
-    from captioner.report import write_eval_report
-
-    splits = load_captions(data, **split_options(model, data_options or {}))
-    if split not in splits:
-        raise CaptionerError(f"{data} has no split {split!r} (splits: {', '.join(splits)})")
-    dataset = splits[split]
-    results, tf = [], {} if teacher_forced else None
-    for name in [model] + ([compare] if compare else []):
-        captioner = Captioner.from_pretrained(name, trust_remote_code=trust_remote_code)
-        results.append(evaluate(captioner, dataset, model_name=name, progress=True, **options))
-        if tf is not None:
-            tf[name] = teacher_forced_wer(
-                captioner.model,
-                captioner.processor,
-                dataset,
-                batch_size=options.get("batch_size") or 8,
-                max_samples=options.get("max_samples"),
-            )
-            results[-1].metrics["teacher_forced_wer"] = tf[name]
-        del captioner
-    if output_dir:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        options_set = {k: v for k, v in results[0].options.items() if v is not None}
-        info = {"data": data, "split": split, **options_set}
-        summary = {**results[0].metrics, "model": model, **info}
-        if compare:
-            summary["compare"] = {**results[1].metrics, "model": compare}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for r, fname in zip(results, ["samples.jsonl", "samples_compare.jsonl"], strict=False):
-            with open(out / fname, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in r.samples)
-        write_eval_report(
-            out / "report.html",
-            results,
-            ImageColumn(subset(dataset, options.get("max_samples"))),
-            title=f"Caption evaluation: {data} [{split}]",
-            info={"models": " vs ".join(r.model for r in results), **info},
-            teacher_forced=tf,
-        )
-    return results, tf
 
 
 def _check_columns(dataset) -> None:

@@ -82,6 +82,23 @@ def _reasons(name: str) -> Iterator[None]:
         raise BadImageError(name, f"corrupt image ({type(err).__name__}: {err})") from None
 
 
+def source_name(src: Any, fallback: str | None = None) -> str:
+    """A short printable name for an image source (errors, output rows, reports)."""
+    if isinstance(src, dict) and src.get("path"):
+        return str(src["path"])
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    if isinstance(src, Image.Image) and getattr(src, "filename", ""):
+        return src.filename
+    if fallback is not None:
+        return fallback
+    if isinstance(src, Image.Image):
+        return "<PIL image>"
+    return (
+        "<image bytes>" if isinstance(src, (dict, bytes, bytearray, memoryview)) else repr(src)[:80]
+    )
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB: transparency is composited on white, 16-bit is rescaled."""
     if img.mode == "RGB":

@@ -20,14 +20,20 @@ Definitions that are ours (the libraries leave them open):
   offline, so it is reported as unavailable instead of failing or being faked.
 
 Java cost: the PTB tokenizer runs once per call for all captions, and one METEOR JVM is started
-per process and reused (starting it costs ~10 s).
+per process and reused (starting it costs ~10 s). Without Java (`java_available()` is False) the
+captions are tokenized by `simple_tokenize` (lower case, punctuation split off and dropped, as the
+PTB tokenizer does for captions), every metric but METEOR is computed the same way, and METEOR is
+None: the scores stay comparable with each other, and nothing is faked.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
+import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -38,7 +44,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
 from captioner.errors import CaptionerError
 
@@ -76,7 +82,7 @@ def score(predictions: list[str], references: list[list[str]]) -> Scores:
     res = {i: [p] for i, p in enumerate(preds)}
 
     bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
-    meteor, meteor_each = _meteor(gts, res)
+    meteor, meteor_each = _meteor(gts, res) if java_available() else (None, [None] * len(preds))
     rouge, rouge_each = Rouge().compute_score(gts, res)
     cider, cider_each = Cider().compute_score(gts, res)
 
@@ -92,7 +98,7 @@ def score(predictions: list[str], references: list[list[str]]) -> Scores:
 
     corpus = {f"bleu_{k + 1}": float(bleu[k]) for k in range(4)}
     corpus |= {
-        "meteor": float(meteor),
+        "meteor": None if meteor is None else float(meteor),
         "rouge_l": float(rouge),
         "cider": float(cider),
         "spice": None,
@@ -107,7 +113,7 @@ def score(predictions: list[str], references: list[list[str]]) -> Scores:
     samples = [
         {
             "bleu_4": float(bleu_each[3][i]),
-            "meteor": float(meteor_each[i]),
+            "meteor": None if meteor is None else float(meteor_each[i]),
             "rouge_l": float(rouge_each[i]),
             "cider": float(cider_each[i]),
             "wer": float(wer_each[i]),
@@ -141,7 +147,11 @@ def _check(predictions: list[str], references: list[list[str]]) -> None:
 def _tokenize(
     predictions: list[str], references: list[list[str]]
 ) -> tuple[list[str], list[list[str]]]:
-    """PTB-tokenize every caption in one JVM run; drop references that tokenize to nothing."""
+    """PTB-tokenize every caption in one JVM run (or `simple_tokenize` without Java); drop
+    references that tokenize to nothing."""
+    if not java_available():
+        preds = [simple_tokenize(p) for p in predictions]
+        return preds, [[t for t in map(simple_tokenize, r) if t] for r in references]
     # Whitespace is collapsed first: the tokenizer keeps line structure, and a stray '\r' or
     # U+2028 inside a caption would otherwise shift every later caption onto the wrong image.
     captions = {("p", i): [{"caption": " ".join(p.split())}] for i, p in enumerate(predictions)}
@@ -158,6 +168,18 @@ def _tokenize(
     preds = [out[("p", i)][0] for i in range(len(predictions))]
     refs = [[c for c in out[("r", i)] if c] for i in range(len(references))]
     return preds, refs
+
+
+@functools.cache
+def java_available() -> bool:
+    """pycocoevalcap's PTB tokenizer and METEOR run in a JVM."""
+    return shutil.which("java") is not None
+
+
+def simple_tokenize(caption: str) -> str:
+    """The PTB tokenizer's effect on a caption, without Java: lower case, punctuation dropped."""
+    tokens = re.findall(r"\w+(?:'\w+)?|[^\w\s]+", caption.lower())
+    return " ".join(t for t in tokens if t not in PUNCTUATIONS and not re.fullmatch(r"\W+", t))
 
 
 @contextlib.contextmanager

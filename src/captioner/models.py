@@ -9,16 +9,38 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoProcessor, GitConfig, GitForCausalLM, GitProcessor
 
 from captioner.errors import CaptionerError
 from captioner.hub import hub_reachable, is_offline
+from captioner.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
 
 PRESETS = ("tiny", "small")
+# Written by training beside the model: the options it ran with (its split, above all, so that
+# evaluation scores the held-out images and not training ones).
+CONFIG_NAME = "captioner_config.json"
+
+
+def is_preset(name: str | os.PathLike) -> bool:
+    """A from-scratch preset name (`tiny`, `small`) rather than a model folder or Hub id."""
+    return str(name) in PRESETS
+
+
+def training_options(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The options a captioner-trained model was trained with ({} for any other model)."""
+    path = Path(model_dir) / CONFIG_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
 
 # config.model_type -> the transformers class that generates captions for it.
 FAMILY_CLASSES = {
@@ -60,9 +82,6 @@ def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False):
 
     safetensors only; remote code only when the user asks for it.
     """
-    import transformers
-    from transformers import AutoConfig, AutoProcessor
-
     name = str(name_or_path)
     if not Path(name).exists() and not is_offline() and not hub_reachable():
         raise _load_error(name, ConnectionError("the Hub is unreachable"))
@@ -81,30 +100,6 @@ def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False):
     return model, processor
 
 
-def push_to_hub(model_dir: str | Path, repo_id: str, *, private: bool = False) -> str:
-    """Upload a trained model directory (model, processor, metrics, curves; no checkpoints) to
-    the Hub as `repo_id` — the guide's `trainer.push_to_hub()` for a finished run. Returns the URL.
-    """
-    from huggingface_hub import HfApi
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise CaptionerError(f"{path}: not a model directory (no config.json)")
-    if is_offline() or not hub_reachable():
-        raise CaptionerError(f"cannot push to {repo_id}: the Hugging Face Hub is unreachable")
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=path,
-            repo_id=repo_id,
-            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "preset/**", "*.tmp"],
-        )
-    except Exception as err:  # auth, permissions, network: one line, not a traceback
-        raise CaptionerError(f"push to {repo_id} failed: {type(err).__name__}: {err}") from None
-    return str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo_id}")
-
-
 def preset_config(name: str) -> dict:
     """The JSON preset `name` (`tiny`, `small`) or a path to a JSON file of the same shape."""
     if Path(name).suffix == ".json" and Path(name).is_file():
@@ -114,14 +109,13 @@ def preset_config(name: str) -> dict:
     return json.loads(resources.files("captioner.presets").joinpath(f"{name}.json").read_text())
 
 
-def build_preset(name: str, captions: Iterable[str], out_dir: str | Path) -> Path:
+def build_preset(name: str, captions: Iterable[str], out_dir: str | Path, *, seed: int = 0) -> Path:
     """Build a randomly initialised GIT + a WordPiece tokenizer trained on `captions`.
 
     Saves model, tokenizer and processor to `out_dir` with `save_pretrained`, so the directory
-    loads exactly like `microsoft/git-base` (plain transformers, no captioner needed).
+    loads exactly like `microsoft/git-base` (plain transformers, no captioner needed). `seed`
+    fixes the random initialisation.
     """
-    from captioner.tokenizer import train_wordpiece
-
     spec = preset_config(name)
     captions = [c for c in captions if c and c.strip()]
     if not captions:
@@ -131,15 +125,17 @@ def build_preset(name: str, captions: Iterable[str], out_dir: str | Path) -> Pat
         vocab_size=spec.get("tokenizer_vocab_size", 1000),
         model_max_length=spec["max_position_embeddings"],
     )
-    return build_git(spec, tokenizer, out_dir)
+    return build_git(spec, tokenizer, out_dir, seed=seed)
 
 
-def build_git(spec: dict, tokenizer, out_dir: str | Path) -> Path:
+def build_git(spec: dict, tokenizer, out_dir: str | Path, *, seed: int = 0) -> Path:
     """Save a randomly initialised GIT shaped by a preset `spec`, with `tokenizer`'s vocabulary
     and special ids, plus its `GitProcessor`, to `out_dir`. Any BERT-style tokenizer works: a
-    caption-trained one (presets) or git-base's real 30,522-word vocabulary (tests, benchmarks)."""
-    import torch
-    from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+    caption-trained one (presets) or git-base's real 30,522-word vocabulary (tests, benchmarks).
+    `seed` fixes the initial weights (a local generator: the caller's global RNG is untouched)."""
+    # Imported here: without torchvision, importing it logs a fallback warning that commands which
+    # never build a model (`captioner show`) should not print.
+    from transformers import CLIPImageProcessor
 
     size = spec["image_size"]
     image_processor = CLIPImageProcessor(
@@ -158,8 +154,9 @@ def build_git(spec: dict, tokenizer, out_dir: str | Path) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    model = GitForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GitForCausalLM(config)
     model.generation_config.bos_token_id = tokenizer.cls_token_id
     model.generation_config.eos_token_id = tokenizer.sep_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

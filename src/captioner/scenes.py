@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from captioner.errors import CaptionerError
+
 COLOURS = {
     "red": (215, 35, 35),
     "green": (35, 165, 55),
@@ -76,8 +78,6 @@ def generate_scenes(
 ) -> Path:
     """Write `n` scenes to `out_dir` as an imagefolder: PNGs + metadata.jsonl with `captions`."""
     if difficulty not in SETTINGS:
-        from captioner.errors import CaptionerError
-
         raise CaptionerError(f"unknown difficulty {difficulty!r}; choose {', '.join(SETTINGS)}")
     setting = SETTINGS[difficulty]
     size = image_size or setting.image_size
@@ -85,8 +85,6 @@ def generate_scenes(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # OUT is a file, or not writable
-        from captioner.errors import CaptionerError
-
         raise CaptionerError(f"{out}: cannot create the scenes folder ({err.strerror})") from None
     width = len(str(max(n - 1, 0)))
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:

@@ -1,10 +1,10 @@
 """Dynamic batching: requests that arrive within a few milliseconds share one `generate` call.
 
 One worker task drains an asyncio queue. It takes the first waiting request, then keeps taking
-more until it has `max_batch_size` of them or `max_wait_ms` has passed, groups them by decoding
-options (beam search and greedy cannot share a `generate` call), and runs each group as ONE call
-in a single background thread. A single thread on purpose: torch already spreads one forward
-pass over every core, and two concurrent passes would only fight for them.
+more until it has `max_batch_size` of them or `max_wait_ms` has passed, groups them by their
+`DecodingOptions.key()` (beam search and greedy cannot share a `generate` call), and runs each
+group as ONE call in a single background thread. A single thread on purpose: torch already
+spreads one forward pass over every core, and two concurrent passes would only fight for them.
 
 Images arrive here already decoded, so a bad upload is rejected before it can join a batch.
 """
@@ -19,10 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from captioner.decoding import DecodingOptions
+
 log = logging.getLogger(__name__)
 
-# fn(images, options) -> one caption per image, in order.
-CaptionFn = Callable[[list[Any], dict[str, Any]], list[str]]
+# fn(images, decoding) -> one caption per image, in order (a caption is a list of strings when
+# decoding.num_return_sequences > 1).
+Caption = str | list[str]
+CaptionFn = Callable[[list[Any], DecodingOptions], list[Caption]]
 
 
 class QueueFullError(Exception):
@@ -32,8 +36,7 @@ class QueueFullError(Exception):
 @dataclass
 class _Job:
     image: Any
-    key: Hashable
-    options: dict[str, Any]
+    decoding: DecodingOptions
     future: asyncio.Future = field(repr=False)
 
 
@@ -97,13 +100,12 @@ class Batcher:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._task = self._queue = self._executor = None
 
-    async def submit(self, image: Any, options: dict[str, Any] | None = None) -> str:
-        """Queue one decoded image and wait for its caption."""
+    async def submit(self, image: Any, decoding: DecodingOptions | None = None) -> Caption:
+        """Queue one decoded image and wait for its caption (default decoding when None)."""
         if self._queue is None:
             raise RuntimeError("Batcher.start() was not called (run the app with its lifespan)")
-        options = dict(options or {})
         future = asyncio.get_running_loop().create_future()
-        job = _Job(image, tuple(sorted(options.items())), options, future)
+        job = _Job(image, decoding or DecodingOptions(), future)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -135,7 +137,7 @@ class Batcher:
             groups: dict[Hashable, list[_Job]] = {}
             for job in batch:
                 if not job.future.done():  # the client may have gone away while it waited
-                    groups.setdefault(job.key, []).append(job)
+                    groups.setdefault(job.decoding.key(), []).append(job)
             for jobs in groups.values():
                 try:
                     await self._run(jobs)
@@ -148,10 +150,10 @@ class Batcher:
     async def _run(self, jobs: list[_Job]) -> None:
         """Caption one group in the worker thread and resolve its futures; never raises."""
         loop = asyncio.get_running_loop()
-        images, options = [j.image for j in jobs], jobs[0].options
+        images, decoding = [j.image for j in jobs], jobs[0].decoding
         start = time.perf_counter()
         try:
-            captions = await loop.run_in_executor(self._executor, self.fn, images, options)
+            captions = await loop.run_in_executor(self._executor, self.fn, images, decoding)
             if len(captions) != len(jobs):
                 raise RuntimeError(f"caption fn returned {len(captions)} for {len(jobs)} images")
         except Exception as err:

@@ -12,8 +12,8 @@ import torch
 from conftest import make_images
 from PIL import Image
 
+from captioner.engine import Captioner
 from captioner.errors import BadImageError, CaptionerError
-from captioner.generate import Captioner
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +113,13 @@ def test_urls_download_with_byte_limit_and_fail_clearly_offline(captioner, image
         assert captioner.caption(url, max_new_tokens=6) == captioner.caption(
             images[0], max_new_tokens=6
         )
-        monkeypatch.setattr("captioner.generate.URL_MAX_BYTES", 100)
+        monkeypatch.setattr("captioner.fetch.FETCH_MAX_BYTES", 100)
         with pytest.raises(BadImageError, match="byte limit") as err:
             captioner.caption(url)
         assert err.value.path == url
     finally:
         server.shutdown()  # the socket still accepts connections, but nobody answers
-    monkeypatch.setattr("captioner.generate.URL_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("captioner.fetch.FETCH_TIMEOUT_S", 0.3)
     with pytest.raises(BadImageError, match="timed out"):
         captioner.caption(url)
     server.server_close()
@@ -129,7 +129,7 @@ def test_urls_download_with_byte_limit_and_fail_clearly_offline(captioner, image
 
 
 def test_auto_batch_size_and_background_loader(captioner, images):
-    from captioner.generate import CPU_MAX_BATCH
+    from captioner.engine import CPU_MAX_BATCH
 
     assert captioner.auto_batch_size() == CPU_MAX_BATCH  # tiny model on CPU: memory is plentiful
     assert captioner.auto_batch_size(max_new_tokens=10**9) == 1  # a cache that cannot fit: 1

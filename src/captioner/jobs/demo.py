@@ -12,11 +12,26 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioner import metrics
+from captioner.data import DataArguments, ImageColumn, load_captions
+from captioner.engine import Captioner
+from captioner.evaluation import EvalResult, evaluate
+from captioner.jobs.progress import progress_bar
 from captioner.metrics import closest_reference
+from captioner.models import is_preset
+from captioner.report import plot_samples, write_eval_report
+from captioner.scenes import generate_scenes
+from captioner.training import (
+    PRESET_TRAINING_DEFAULTS,
+    CaptionTrainingArguments,
+    ModelArguments,
+    train,
+)
 
 # Sized for ~5 minutes of training on 2 CPU cores (~150 samples/s): the `easy` scenes (one large
 # object on a plain background, 64 px) are what a 1 M-parameter GIT learns in that time (measured:
@@ -44,10 +59,10 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     num_scenes: int = 4000
     difficulty: str = "easy"
-    preset: str = "tiny"
+    model: str = "tiny"
     test_size: float = 0.1
     seed: int = 0
-    eval_max_samples: int = 100  # per-epoch generation eval during training
+    max_eval_samples: int = 100  # per-epoch generation eval during training
     num_samples_shown: int = 8
     training_args: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAINING_ARGS))
 
@@ -69,56 +84,33 @@ def best_constant_caption(
     return caption, wer
 
 
-def run_demo(config: DemoConfig, console=None) -> dict[str, Any]:
+def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole demo and return its summary (also written to `metrics.json`)."""
-    from captioner import metrics
-    from captioner.data import load_captions
-    from captioner.evaluation import ImageColumn, evaluate
-    from captioner.generate import Captioner
-    from captioner.report import plot_samples, write_eval_report
-    from captioner.scenes import generate_scenes
-    from captioner.train import TrainConfig, train
-
-    say = console.print if console is not None else print
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    scenes_dir, model_dir = out / "scenes", out / "model"
 
-    scenes_dir = out / "scenes"
     say(f"[1/5] generating {config.num_scenes} {config.difficulty} scenes → {scenes_dir}")
     generate_scenes(scenes_dir, config.num_scenes, config.seed, difficulty=config.difficulty)
     splits = load_captions(str(scenes_dir), test_size=config.test_size, seed=config.seed)
 
-    model_dir = out / "model"
-    say(f"[2/5] training the '{config.preset}' preset from scratch → {model_dir}")
-    train(
-        TrainConfig(
-            model=config.preset,
-            data=str(scenes_dir),
-            output_dir=str(model_dir),
-            test_size=config.test_size,
-            seed=config.seed,
-            eval_max_samples=config.eval_max_samples,
-            training_args=dict(config.training_args),
-        )
-    )
+    say(f"[2/5] training '{config.model}' → {model_dir}")
+    _train(config, scenes_dir, model_dir)
     trained_at = time.time()
 
     say(f"[3/5] evaluating on {len(splits['test'])} held-out scenes")
     captioner = Captioner.from_pretrained(model_dir)
     test = splits["test"]
-    result = evaluate(captioner, test, model_name=f"{config.preset} (demo)", progress=True)
-    references = [row["references"] for row in result.samples]
-    constant, constant_wer = best_constant_caption(
-        [c for caps in splits["train"]["captions"] for c in caps], references
-    )
-    constant_scores = metrics.compute([constant] * len(references), references)
+    with progress_bar(len(test), "evaluating") as advance:
+        result = evaluate(captioner, test, model_name=f"{config.model} (demo)", progress=advance)
+    baseline = _constant_baseline(splits["train"], result)
     write_eval_report(
         out / "report.html",
         [result],
         ImageColumn(test),
         title="captioner demo: held-out scenes",
-        info={"model": str(model_dir), "best constant caption": constant},
+        info={"model": str(model_dir), "best constant caption": baseline["constant_caption"]},
     )
 
     say(f"[4/5] captioning {config.num_samples_shown} held-out images → samples.png")
@@ -127,11 +119,9 @@ def run_demo(config: DemoConfig, console=None) -> dict[str, Any]:
     plot_samples(shown, captions, out / "samples.png", columns=4)
 
     summary = {
-        **{k: v for k, v in result.metrics.items()},
-        "constant_caption": constant,
-        "constant_caption_wer": constant_scores["wer"],
-        "constant_caption_cider": constant_scores["cider"],
-        "wer_vs_constant": result.metrics["wer"] / max(constant_scores["wer"], 1e-9),
+        **result.metrics,
+        **baseline,
+        "wer_vs_constant": result.metrics["wer"] / max(baseline["constant_caption_wer"], 1e-9),
         "train_minutes": round((trained_at - started) / 60, 2),
         "total_minutes": round((time.time() - started) / 60, 2),
         "samples": [
@@ -143,3 +133,28 @@ def run_demo(config: DemoConfig, console=None) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     say("[5/5] done")
     return summary
+
+
+def _train(config: DemoConfig, scenes_dir: Path, model_dir: Path) -> None:
+    preset_defaults = PRESET_TRAINING_DEFAULTS if is_preset(config.model) else {}
+    training_args = CaptionTrainingArguments(
+        output_dir=str(model_dir), seed=config.seed, **{**preset_defaults, **config.training_args}
+    )
+    data_args = DataArguments(
+        data=str(scenes_dir), test_size=config.test_size, max_eval_samples=config.max_eval_samples
+    )
+    train(ModelArguments(model=config.model), data_args, training_args)
+
+
+def _constant_baseline(train_split, result: EvalResult) -> dict[str, Any]:
+    """The best constant caption and its scores on the same held-out images."""
+    references = [row["references"] for row in result.samples]
+    constant, _ = best_constant_caption(
+        [c for caps in train_split["captions"] for c in caps], references
+    )
+    scores = metrics.compute([constant] * len(references), references)
+    return {
+        "constant_caption": constant,
+        "constant_caption_wer": scores["wer"],
+        "constant_caption_cider": scores["cider"],
+    }

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from captioner.decoding import DecodingOptions
+from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.generate import Captioner, is_url
+from captioner.fetch import is_url
 from captioner.images import IMAGE_EXTENSIONS
+from captioner.jobs.progress import progress_bar
 
 COLUMNS = ("image", "caption", "error")
 
@@ -144,7 +147,8 @@ def caption_files(
     skip_existing: bool = False,
     overwrite: bool = False,
     resume: bool = False,
-    decoding: dict[str, Any] | None = None,
+    decoding: DecodingOptions | None = None,
+    batch_size: int | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = False,
@@ -157,6 +161,47 @@ def caption_files(
     printed to stdout unless `output` is given). Checks that need no model run first, so mistakes
     fail in a second, not after the model has loaded.
     """
+    # 1. Option checks that need no model.
+    out_path = _output_path(output, skip_existing, overwrite, resume)
+    # 2. The work list: every input, minus what --resume / --skip_existing say is done.
+    images = expand_inputs(inputs, stdin)
+    if not images:
+        raise CaptionerError("no images found in the given inputs")
+    todo = _not_done(images, out_path, resume, sidecar, caption_extension, skip_existing, overwrite)
+    summary = CaptionSummary(skipped=len(images) - len(todo))
+    want_rows = out_path is not None or not sidecar
+    writer = _Writer(out_path, append=resume, stdout=stdout or sys.stdout) if want_rows else None
+    try:
+        if not todo:
+            return summary
+        # 3. The model.
+        captioner = model if isinstance(model, Captioner) else None
+        if captioner is None:
+            captioner = Captioner.from_pretrained(
+                model, device=device, trust_remote_code=trust_remote_code
+            )
+        # 4. Caption batch by batch; each row is written as soon as its batch is done.
+        with progress_bar(len(todo), "captioning", enabled=progress) as advance:
+            results = captioner.caption_iter(
+                todo, decoding, batch_size=batch_size, progress=advance
+            )
+            for i, result in results:
+                row = _row(todo[i], result, sidecar, caption_extension)
+                if "error" in row:
+                    summary.failed.append((row["image"], row["error"]))
+                else:
+                    summary.captioned += 1
+                if writer:
+                    writer.write(row)
+    finally:
+        if writer:
+            writer.close()
+    return summary
+
+
+def _output_path(
+    output: str | os.PathLike | None, skip_existing: bool, overwrite: bool, resume: bool
+) -> Path | None:
     if skip_existing and overwrite:
         raise CaptionerError("--skip_existing and --overwrite contradict each other; pick one")
     if resume and overwrite:
@@ -170,10 +215,18 @@ def caption_files(
         raise CaptionerError(
             f"{out_path} already exists: pass --resume to continue it or --overwrite to replace it"
         )
-    images = expand_inputs(inputs, stdin)
-    if not images:
-        raise CaptionerError("no images found in the given inputs")
-    summary = CaptionSummary()
+    return out_path
+
+
+def _not_done(
+    images: list[str],
+    out_path: Path | None,
+    resume: bool,
+    sidecar: bool,
+    caption_extension: str,
+    skip_existing: bool,
+    overwrite: bool,
+) -> list[str]:
     todo = images
     if resume:
         done = done_in_output(out_path)
@@ -191,44 +244,24 @@ def caption_files(
         if skip_existing:
             keep = set(existing)
             todo = [im for im in todo if im not in keep]
-    summary.skipped = len(images) - len(todo)
-    want_rows = out_path is not None or not sidecar
-    writer = _Writer(out_path, append=resume, stdout=stdout or sys.stdout) if want_rows else None
-    if not todo:
-        if writer:
-            writer.close()
-        return summary
+    return todo
 
-    captioner = model if isinstance(model, Captioner) else None
-    if captioner is None:
-        captioner = Captioner.from_pretrained(
-            model, device=device, trust_remote_code=trust_remote_code
-        )
-    try:
-        for i, result in captioner.caption_iter(todo, progress=progress, **(decoding or {})):
-            image = todo[i]
-            row: dict[str, Any] = {"image": image}
-            if isinstance(result, Exception):
-                row["error"] = getattr(result, "reason", str(result))
-            else:
-                row["caption"] = result[0] if isinstance(result, list) else result
-                if isinstance(result, list):
-                    row["captions"] = result
-                if sidecar:
-                    if is_url(image):
-                        row["error"] = "cannot write a sidecar caption file next to a URL"
-                    else:
-                        try:
-                            _write_sidecar(sidecar_path(image, caption_extension), row["caption"])
-                        except OSError as err:  # read-only folder, full disk: this image failed
-                            row["error"] = f"cannot write caption file: {err.strerror or err}"
-            if "error" in row:
-                summary.failed.append((image, row["error"]))
-            else:
-                summary.captioned += 1
-            if writer:
-                writer.write(row)
-    finally:
-        if writer:
-            writer.close()
-    return summary
+
+def _row(image: str, result: Any, sidecar: bool, caption_extension: str) -> dict[str, Any]:
+    """The output row of one image; writes its sidecar file when asked."""
+    row: dict[str, Any] = {"image": image}
+    if isinstance(result, Exception):
+        row["error"] = getattr(result, "reason", str(result))
+        return row
+    row["caption"] = result[0] if isinstance(result, list) else result
+    if isinstance(result, list):
+        row["captions"] = result
+    if sidecar:
+        if is_url(image):
+            row["error"] = "cannot write a sidecar caption file next to a URL"
+        else:
+            try:
+                _write_sidecar(sidecar_path(image, caption_extension), row["caption"])
+            except OSError as err:  # read-only folder, full disk: this image failed
+                row["error"] = f"cannot write caption file: {err.strerror or err}"
+    return row

@@ -12,78 +12,47 @@ Why batching does not change captions: every item in a batch has the same image 
 processor resizes) and the same prompt, so nothing is padded; greedy captions are the same as
 one-at-a-time captions (tested).
 
-Model families differ only in how the prompt is turned into ids (`_prompt_kwargs`).
+Model families differ only in how the prompt is turned into ids (`_prompt_kwargs`). Decoding
+options are a `DecodingOptions` (decoding.py); URLs are fetched by fetch.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import psutil
 import torch
+from PIL import Image
 
-from captioner.errors import BadImageError, CaptionerError
+from captioner.decoding import DecodingOptions
+from captioner.errors import BadImageError
+from captioner.fetch import fetch, is_url
+from captioner.images import load_image, source_name
+from captioner.models import load_model
 
 log = logging.getLogger(__name__)
 
-URL_TIMEOUT_S = 20.0
-URL_MAX_BYTES = 20 * 1024 * 1024
 # Measured (bench/RESULTS.md, 2 cores, torch's default threads): the `small` preset captions at
 # 35 images/s in batches of 32 and 49 in batches of 96; per-step generate overhead keeps paying
 # off well past 32 for small models, and the memory check below lowers it for big ones.
 CPU_MAX_BATCH = 96
 GPU_MAX_BATCH = 256
 
-
-def is_url(src: Any) -> bool:
-    return isinstance(src, str) and src.lower().startswith(("http://", "https://"))
-
-
-def fetch_url(url: str, *, timeout: float | None = None, max_bytes: int | None = None) -> bytes:
-    """Download `url` with a timeout and a byte limit; failures become BadImageError(url, why)."""
-    timeout = URL_TIMEOUT_S if timeout is None else timeout
-    max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
-    req = urllib.request.Request(url, headers={"User-Agent": "captioner"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http/https only)
-            data = resp.read(max_bytes + 1)
-    except urllib.error.HTTPError as err:
-        raise BadImageError(url, f"download failed: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise BadImageError(url, f"download failed (no network?): {reason}") from None
-    if len(data) > max_bytes:
-        raise BadImageError(url, f"download larger than the {max_bytes} byte limit")
-    return data
+# Called with the number of images finished after each batch (the apps draw a progress bar).
+ProgressFn = Callable[[int], None]
 
 
-def open_image(src: Any):
+def open_image(src: Any) -> Image.Image:
     """Any supported source (path, URL, bytes, PIL image, datasets image dict) -> RGB PIL image."""
-    from captioner.images import load_image
-
     if is_url(src):
         try:
-            return load_image(fetch_url(src))
+            return load_image(fetch(src))
         except BadImageError as err:
-            if err.path == src:
-                raise
             raise BadImageError(src, err.reason) from None
     return load_image(src)
-
-
-def source_name(src: Any) -> str:
-    """A short printable name for an image source (used in errors and output rows)."""
-    if isinstance(src, dict):
-        return str(src.get("path") or "<image bytes>")
-    if isinstance(src, (bytes, bytearray)):
-        return "<image bytes>"
-    if hasattr(src, "size") and hasattr(src, "mode"):
-        return getattr(src, "filename", "") or "<PIL image>"
-    return str(src)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -130,33 +99,31 @@ class Captioner:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path,
+        name_or_path: str | os.PathLike,
         *,
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
     ) -> Captioner:
-        from captioner.models import load_model
-
         model, processor = load_model(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model, processor, device=device)
 
     # ---- public API ----
 
-    def caption(self, images: Sequence[Any] | Any, **kwargs) -> list[str] | list[list[str]]:
+    def caption(
+        self, images: Sequence[Any] | Any, decoding: DecodingOptions | None = None, **kwargs: Any
+    ) -> list[str] | list[list[str]]:
         """Caption `images` (a list, or one image); raises BadImageError on the first bad one.
 
-        Keyword arguments are those of `caption_iter` (decoding options, batch_size, progress).
-        Returns one string per image, or a list of `num_return_sequences` strings per image when
-        that is > 1. With a `prompt`, captions start with the prompt (it is part of the caption).
+        `decoding` and keyword arguments are those of `caption_iter`. Returns one string per
+        image, or a list of `num_return_sequences` strings per image when that is > 1. With a
+        `prompt`, captions start with the prompt (it is part of the caption).
         """
-        if isinstance(images, (str, bytes, bytearray, dict, os.PathLike)) or hasattr(
-            images, "mode"
-        ):
+        if isinstance(images, (str, bytes, bytearray, dict, os.PathLike, Image.Image)):
             images = [images]
         elif not (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
             images = list(images)
         out: list[Any] = [None] * len(images)
-        for i, result in self.caption_iter(images, **kwargs):
+        for i, result in self.caption_iter(images, decoding, **kwargs):
             if isinstance(result, BadImageError):
                 raise result
             out[i] = result
@@ -166,37 +133,27 @@ class Captioner:
     def caption_iter(
         self,
         images: Sequence[Any],
+        decoding: DecodingOptions | None = None,
         *,
         batch_size: int | None = None,
-        num_beams: int = 1,
-        max_new_tokens: int = 30,
-        do_sample: bool = False,
-        top_p: float | None = None,
-        temperature: float | None = None,
-        num_return_sequences: int = 1,
-        repetition_penalty: float | None = None,
-        prompt: str | None = None,
-        bad_words: Sequence[str] | None = None,
         num_workers: int | None = None,
-        progress: bool = False,
+        progress: ProgressFn | None = None,
+        **options: Any,
     ) -> Iterator[tuple[int, str | list[str] | BadImageError]]:
         """Yield `(index, caption)` in input order, batch by batch, for big jobs.
 
-        A bad image yields `(index, BadImageError)` instead of stopping the run. `caption` is
-        a str, or a list of `num_return_sequences` strs when that is > 1.
+        `decoding` holds the decoding options; any of its fields may also be given as a keyword
+        (`num_beams=3`), which overrides it. A bad image yields `(index, BadImageError)` instead
+        of stopping the run. `caption` is a str, or a list of `num_return_sequences` strs when
+        that is > 1. `progress` is called with the number of images done after each batch.
         """
+        decoding = (decoding or DecodingOptions()).replace(**options)
         if not (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
             images = list(images)  # a generator: the loader needs random access
         if not images:
             return
-        if num_return_sequences > 1 and not do_sample and num_return_sequences > num_beams:
-            raise CaptionerError(
-                f"num_return_sequences={num_return_sequences} needs --do_sample or "
-                f"--num_beams >= {num_return_sequences}"
-            )
-        per_image = max(num_beams, 1) * (num_return_sequences if do_sample else 1)
         if batch_size is None:
-            batch_size = self.auto_batch_size(per_image, max_new_tokens)
+            batch_size = self.auto_batch_size(decoding.sequences_per_image, decoding.max_new_tokens)
         batch_size = max(1, min(batch_size, len(images)))
         if num_workers is None:
             # A worker process costs ~1 s to start; worth it only when there is work to overlap.
@@ -208,18 +165,8 @@ class Captioner:
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
         )
-        gen_kwargs = self._generate_kwargs(
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            top_p=top_p,
-            temperature=temperature,
-            num_return_sequences=num_return_sequences,
-            repetition_penalty=repetition_penalty,
-            bad_words=bad_words,
-        )
-        n_out = num_return_sequences
-        bar = _progress(len(images)) if progress else None
+        gen_kwargs = self._generate_kwargs(decoding)
+        n_out = decoding.num_return_sequences
         was_training = self.model.training  # the training callback passes the live model
         self.model.eval()
         try:
@@ -228,22 +175,24 @@ class Captioner:
                 captions: dict[int, Any] = {}
                 if good:
                     pixels = torch.stack([px for _, px in good]).to(self.device, self.model.dtype)
-                    texts = self._generate(pixels, prompt, gen_kwargs)
+                    texts = self._generate(pixels, decoding.prompt, gen_kwargs)
                     for k, (i, _) in enumerate(good):
                         group = texts[k * n_out : (k + 1) * n_out]
                         captions[i] = group if n_out > 1 else group[0]
                 for i, px in batch:
                     yield i, (px if isinstance(px, BadImageError) else captions[i])
-                if bar is not None:
-                    bar[0].advance(bar[1], len(batch))
+                if progress is not None:
+                    progress(len(batch))
         finally:
             self.model.train(was_training)
-            if bar is not None:
-                bar[0].stop()
 
-    def auto_batch_size(self, sequences_per_image: int = 1, max_new_tokens: int = 30) -> int:
+    def auto_batch_size(
+        self, sequences_per_image: int = 1, max_new_tokens: int | None = None
+    ) -> int:
         """Images per `generate` call: a cap (96 on CPU, 256 on GPU), lowered so the KV cache and
         activations fit a quarter of free memory."""
+        if max_new_tokens is None:
+            max_new_tokens = DecodingOptions().max_new_tokens
         cfg = self.model.config
         text = cfg.get_text_config(decoder=True)
         layers = getattr(text, "num_hidden_layers", 12)
@@ -259,33 +208,9 @@ class Captioner:
             free, _ = torch.cuda.mem_get_info(self.device)
             cap = GPU_MAX_BATCH
         else:
-            import psutil
-
             free, cap = psutil.virtual_memory().available, CPU_MAX_BATCH
         fits = int(free * 0.25) // max(per_seq * sequences_per_image, 1)
         return int(max(1, min(cap, fits)))
-
-    # ---- internals ----
-
-    def _generate_kwargs(
-        self, *, bad_words, do_sample, top_p, temperature, repetition_penalty, **kw
-    ) -> dict:
-        kwargs = dict(kw, do_sample=do_sample, use_cache=True)
-        if do_sample:
-            if top_p is not None:
-                kwargs["top_p"] = top_p
-            if temperature is not None:
-                kwargs["temperature"] = temperature
-        elif top_p is not None or temperature is not None:
-            raise CaptionerError("--top_p / --temperature only apply with --do_sample")
-        if repetition_penalty is not None:
-            kwargs["repetition_penalty"] = repetition_penalty
-        if bad_words:
-            kwargs["bad_words_ids"] = self.bad_words_ids(bad_words)
-        tok = self.tokenizer
-        if getattr(self.model.generation_config, "pad_token_id", None) is None:
-            kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else 0
-        return kwargs
 
     def bad_words_ids(self, words: Sequence[str]) -> list[list[int]]:
         """Token id sequences for each word, as it appears mid-sentence and capitalised.
@@ -302,6 +227,17 @@ class Captioner:
                 if ids and unk not in ids and ids not in out:
                     out.append(ids)
         return out
+
+    # ---- internals ----
+
+    def _generate_kwargs(self, decoding: DecodingOptions) -> dict[str, Any]:
+        kwargs = decoding.generate_kwargs()
+        if decoding.bad_words:
+            kwargs["bad_words_ids"] = self.bad_words_ids(decoding.bad_words)
+        tok = self.tokenizer
+        if getattr(self.model.generation_config, "pad_token_id", None) is None:
+            kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else 0
+        return kwargs
 
     def _prompt_kwargs(self, prompt: str | None, n: int) -> dict:
         """Prompt ids for a batch of `n` (all items share the prompt, so no padding)."""
@@ -327,34 +263,3 @@ class Captioner:
         )
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
-
-
-def _progress(total: int):
-    """A rich progress bar on stderr showing images/s; returns (progress, task)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class ImagesPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
-            rate = task.completed / task.elapsed if task.elapsed else 0.0
-            return Text(f"{rate:.1f} img/s", style="cyan")
-
-    progress = Progress(
-        TextColumn("captioning"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        ImagesPerSecond(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    task = progress.add_task("caption", total=total)
-    progress.start()
-    return progress, task

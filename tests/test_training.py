@@ -15,13 +15,14 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from captioner.data import DataArguments
 from captioner.errors import CaptionerError
-from captioner.train import (
-    TrainConfig,
+from captioner.training import (
+    CaptionTrainingArguments,
+    ModelArguments,
     last_checkpoint,
     load_config_file,
-    parse_extra_args,
-    resolve_training_args,
+    parse_train_args,
     train,
 )
 
@@ -33,14 +34,26 @@ ENV = {
 }
 CLI = [sys.executable, "-m", "captioner.cli", "train"]
 # Few steps, a small eval subset, one worker: each run is seconds, not minutes.
-FAST = {
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 8,
-    "eval_max_samples": 4,
-    "max_new_tokens": 8,
-    "logging_steps": 1,
-    "test_size": 0.125,
-}
+FAST = [
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "8",
+    "--max_eval_samples",
+    "4",
+    "--max_new_tokens",
+    "8",
+    "--logging_steps",
+    "1",
+    "--test_size",
+    "0.125",
+]
+
+
+def args_for(model: str, data: object, output_dir: object, *flags: str):
+    return parse_train_args(
+        ["--model", model, "--data", str(data), "--output_dir", str(output_dir), *flags]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +74,23 @@ def _pixel_cache(tmp_path, monkeypatch):
 # --- configuration ---------------------------------------------------------------------------
 
 
-def test_config_splits_our_options_from_training_arguments():
-    cfg = TrainConfig.from_dict(
-        {"model": "tiny", "data": "d", "output_dir": "o", "seed": 3, "learning_rate": 0.01}
+def test_one_parser_for_our_options_and_training_arguments(tmp_path):
+    model, data, decoding, args = args_for(
+        "tiny", "d", tmp_path, "--seed", "3", "--learning_rate", "0.01", "--num_beams", "2"
     )
-    assert cfg.seed == 3 and cfg.training_args == {"learning_rate": 0.01}
-    ratio = TrainConfig.from_dict(
-        {"model": "m", "data": "d", "output_dir": "o", "warmup_ratio": 0.1}
-    )
-    assert ratio.training_args == {"warmup_steps": 0.1}  # transformers 5's name for the fraction
-    with pytest.raises(CaptionerError, match="unknown option.*lerning_rate"):
-        TrainConfig.from_dict({"model": "m", "data": "d", "output_dir": "o", "lerning_rate": 1})
+    assert (model.model, data.data, decoding.num_beams) == ("tiny", "d", 2)
+    assert args.seed == 3 and args.learning_rate == 0.01
+    with pytest.raises(CaptionerError, match="unknown option.*--lerning_rate"):
+        args_for("m", "d", tmp_path, "--lerning_rate", "1")
+    with pytest.raises(CaptionerError, match="--num_train"):  # no abbreviations
+        args_for("m", "d", tmp_path, "--num_train", "3")
     with pytest.raises(CaptionerError, match="--data"):
-        TrainConfig.from_dict({"model": "m", "output_dir": "o"})
+        parse_train_args(["--model", "m", "--output_dir", str(tmp_path)])
+    with pytest.raises(CaptionerError, match="invalid float value: 'abc'"):
+        args_for("m", "d", tmp_path, "--learning_rate", "abc")
+    # any TrainingArguments field is a flag, typed by transformers
+    *_, args = args_for("m", "d", tmp_path, "--adam_beta2", "0.98", "--max_grad_norm", "0.5")
+    assert args.adam_beta2 == 0.98 and args.max_grad_norm == 0.5
 
 
 def test_config_file_yaml_and_json(tmp_path):
@@ -83,11 +100,16 @@ def test_config_file_yaml_and_json(tmp_path):
         "learning_rate": 3e-4,
         "fp16": True,
     }
-    (tmp_path / "y.yaml").write_text("learning_rate: 1e-3\nper_device_train_batch_size: '8'\n")
-    cfg = TrainConfig.from_dict(
-        {"model": "m", "data": "d", "output_dir": "o", **load_config_file(tmp_path / "y.yaml")}
-    )  # YAML 1.1 reads 1e-3 as a string; the field's type makes it a number again
-    assert cfg.training_args == {"learning_rate": 1e-3, "per_device_train_batch_size": 8}
+    (tmp_path / "y.yaml").write_text(
+        f"model: m\ndata: d\noutput_dir: {tmp_path}\nlearning_rate: 1e-3\n"
+        "per_device_train_batch_size: '8'\nnum_train_epochs: 4\n"
+    )  # YAML 1.1 reads 1e-3 as a string; the option's type makes it a number again
+    *_, args = parse_train_args(["--config", str(tmp_path / "y.yaml"), "--num_train_epochs", "2"])
+    assert args.learning_rate == 1e-3 and args.per_device_train_batch_size == 8
+    assert args.num_train_epochs == 2  # a flag beats the file
+    (tmp_path / "typo.yaml").write_text("lerning_rate: 1\n")
+    with pytest.raises(CaptionerError, match="typo.yaml: unknown option.*lerning_rate"):
+        parse_train_args(["--config", str(tmp_path / "typo.yaml")])
     (tmp_path / "c.json").write_text('{"num_train_epochs": 2}')
     assert load_config_file(tmp_path / "c.json") == {"num_train_epochs": 2}
     (tmp_path / "bad.json").write_text("{nope")
@@ -95,32 +117,25 @@ def test_config_file_yaml_and_json(tmp_path):
         load_config_file(tmp_path / "bad.json")
 
 
-def test_extra_flags_are_typed_by_transformers():
-    assert parse_extra_args(["--adam_beta2", "0.98", "--gradient_checkpointing"]) == {
-        "adam_beta2": 0.98,
-        "gradient_checkpointing": True,
-    }
-    with pytest.raises(CaptionerError, match="--no_such_flag"):
-        parse_extra_args(["--no_such_flag", "1"])
-
-
 def test_training_arguments_defaults_and_cpu_rules(tmp_path, caplog):
-    base = {"model": "m", "data": "d", "output_dir": str(tmp_path)}
-    args = resolve_training_args(TrainConfig.from_dict(base), preset=True)
+    *_, args = args_for("tiny", "d", tmp_path)
     assert args.metric_for_best_model == "cider" and args.greater_is_better
-    assert args.load_best_model_at_end and args.learning_rate == 1e-3
+    assert args.load_best_model_at_end and args.learning_rate == 1e-3  # a preset's default
     assert args.prediction_loss_only and not args.remove_unused_columns
-    guide = {**base, "eval_strategy": "steps", "eval_steps": 50, "learning_rate": 5e-5}
-    args = resolve_training_args(TrainConfig.from_dict(guide), preset=False)
-    assert args.save_strategy == "steps" and args.save_steps == 50 and args.learning_rate == 5e-5
-    args = resolve_training_args(
-        TrainConfig.from_dict({**base, "eval_strategy": "no"}), preset=True
+    assert args.per_device_train_batch_size == 32 and args.seed == 0
+    *_, args = args_for(
+        "some/model", "d", tmp_path, "--eval_strategy", "steps", "--eval_steps", "50"
     )
+    assert args.save_strategy == "steps" and args.save_steps == 50
+    assert args.learning_rate == 5e-5  # transformers' default for a pretrained model
+    *_, args = args_for("tiny", "d", tmp_path, "--learning_rate", "5e-5")
+    assert args.learning_rate == 5e-5  # the user beats the preset
+    *_, args = args_for("tiny", "d", tmp_path, "--eval_strategy", "no")
     assert not args.load_best_model_at_end
-    wer = {**base, "metric_for_best_model": "wer"}
-    assert not resolve_training_args(TrainConfig.from_dict(wer), preset=True).greater_is_better
+    *_, args = args_for("tiny", "d", tmp_path, "--metric_for_best_model", "wer")
+    assert not args.greater_is_better
     if not torch.cuda.is_available():
-        args = resolve_training_args(TrainConfig.from_dict({**base, "fp16": True}), preset=True)
+        *_, args = args_for("tiny", "d", tmp_path, "--fp16")
         assert not args.fp16 and "fp16 needs a CUDA GPU" in caplog.text
 
 
@@ -138,23 +153,22 @@ def test_last_checkpoint_skips_incomplete(tmp_path):
 
 def test_model_path_that_is_not_a_model(tmp_path, scenes):
     (tmp_path / "notamodel").mkdir()
-    cfg = TrainConfig(model=str(tmp_path / "notamodel"), data=str(scenes), output_dir=str(tmp_path))
+    model, data, decoding, args = args_for(str(tmp_path / "notamodel"), scenes, tmp_path)
     with pytest.raises(CaptionerError, match="not a model directory"):
-        train(cfg)
+        train(model, data, args, decoding)
 
 
 def test_empty_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
+    args = CaptionTrainingArguments(output_dir=str(tmp_path))
     with pytest.raises(CaptionerError, match="empty"):
-        train(TrainConfig(model="tiny", data=str(tmp_path / "empty"), output_dir=str(tmp_path)))
+        train(ModelArguments("tiny"), DataArguments(str(tmp_path / "empty")), args)
 
 
 def test_missing_caption_column(tmp_path, scenes):
-    cfg = TrainConfig(
-        model="tiny", data=str(scenes), output_dir=str(tmp_path), caption_column="nope"
-    )
+    model, data, decoding, args = args_for("tiny", scenes, tmp_path, "--caption_column", "nope")
     with pytest.raises(CaptionerError, match="nope"):
-        train(cfg)
+        train(model, data, args, decoding)
 
 
 def test_cli_prints_one_line_for_bad_model(tmp_path, scenes):
@@ -180,17 +194,9 @@ def test_cli_prints_one_line_for_bad_model(tmp_path, scenes):
 @pytest.mark.slow
 def test_tiny_end_to_end(tmp_path, scenes, caplog):
     out = tmp_path / "run"
-    cfg = TrainConfig.from_dict(
-        {
-            **FAST,
-            "model": "tiny",
-            "data": str(scenes),
-            "output_dir": str(out),
-            "max_steps": 6,
-            "eval_strategy": "steps",
-            "eval_steps": 3,
-            "save_total_limit": 1,
-        }
+    flags = ["--max_steps", "6", "--eval_strategy", "steps", "--eval_steps", "3"]
+    model, data, decoding, args = args_for(
+        "tiny", scenes, out, *FAST, *flags, "--save_total_limit", "1"
     )
     batches = []
 
@@ -199,7 +205,7 @@ def test_tiny_end_to_end(tmp_path, scenes, caplog):
             batches.append(next(iter(train_dataloader)))
 
     with caplog.at_level("WARNING"):
-        assert train(cfg, callbacks=[PeekBatch()]) == out
+        assert train(model, data, args, decoding, callbacks=[PeekBatch()]) == out
     batch = batches[0]
     assert batch["input_ids"].shape[1] < 20  # the longest caption, not model_max_length (64)
     pads = batch["attention_mask"] == 0
@@ -225,12 +231,14 @@ def test_tiny_end_to_end(tmp_path, scenes, caplog):
     assert state["best_metric"] is not None and "checkpoint-" in state["best_model_checkpoint"]
     resolved = json.loads((out / "captioner_config.json").read_text())
     assert resolved["learning_rate"] == 1e-3 and resolved["max_steps"] == 6
-    assert TrainConfig.from_dict(resolved).training_args["eval_steps"] == 3  # re-usable as --config
+    (tmp_path / "again.json").write_text(json.dumps(resolved))  # re-usable as --config
+    *_, again = parse_train_args(["--config", str(tmp_path / "again.json")])
+    assert again.eval_steps == 3 and again.learning_rate == 1e-3 and again.seed == 0
     assert list((tmp_path / "cache" / "pixels").rglob("*.npy"))  # the pixel cache was filled
 
     # The output loads with plain transformers, in a process that never imports captioner, and
     # captions an image exactly as captioner's own engine does.
-    from captioner.generate import Captioner
+    from captioner.engine import Captioner
 
     image = str(scenes / "00000.png")
     ours = Captioner.from_pretrained(out).caption([image], max_new_tokens=8)[0]
@@ -263,11 +271,27 @@ print(repr(" ".join(processor.batch_decode(ids, skip_special_tokens=True)[0].spl
 def test_resume_after_sigkill(tmp_path, scenes):
     out = tmp_path / "run"
     flags = [
-        "--model", "tiny", "--data", str(scenes), "--output_dir", str(out),
-        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_strategy", "no",
-        "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "5",
-        "--dataloader_num_workers", "0",
-    ]  # fmt: skip
+        "--model",
+        "tiny",
+        "--data",
+        str(scenes),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "5",
+        "--dataloader_num_workers",
+        "0",
+    ]
     first = subprocess.Popen(
         [*CLI, *flags, "--max_steps", "400"],
         env=ENV,
@@ -323,23 +347,54 @@ def test_git_with_real_bert_vocabulary(tmp_path, scenes):
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
     )
     config = GitConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 224, "patch_size": 32},
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=64,
-        bos_token_id=101, eos_token_id=102, pad_token_id=0,
-    )  # fmt: skip
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 224,
+            "patch_size": 32,
+        },
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
     model_dir = tmp_path / "git-base-shaped"
     GitForCausalLM(config).save_pretrained(model_dir)
     GitProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(model_dir)
 
     out = tmp_path / "run"
     run = subprocess.run(
-        [*CLI, "--model", str(model_dir), "--data", str(scenes), "--output_dir", str(out),
-         "--max_steps", "2", "--eval_strategy", "no", "--per_device_train_batch_size", "4",
-         "--learning_rate", "5e-5", "--logging_steps", "1"],
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            *CLI,
+            "--model",
+            str(model_dir),
+            "--data",
+            str(scenes),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--eval_strategy",
+            "no",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "5e-5",
+            "--logging_steps",
+            "1",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
@@ -350,18 +405,15 @@ def test_git_with_real_bert_vocabulary(tmp_path, scenes):
     assert not (out / "preset").exists()  # a real model is fine-tuned as it is
 
 
-def test_without_java_scores_fall_back_to_wer(monkeypatch):
+def test_without_java_every_metric_but_meteor_is_scored_the_same_way(monkeypatch):
     import captioner.metrics
-    from captioner import train as train_mod
 
-    def no_java(predictions, references):
-        raise CaptionerError("cannot run the PTB tokenizer: java; pycocoevalcap needs Java")
-
-    monkeypatch.setattr(captioner.metrics, "compute", no_java)
-    scores = train_mod._score(["a red star", "a cat"], [["a red star"], ["a blue square", "a dog"]])
-    assert scores == {"wer": 0.25, "exact_match": 0.5}  # "a cat" vs "a dog": 1 of 2
-    args = resolve_training_args(
-        TrainConfig(model="m", data="d", output_dir="/tmp/unused"), preset=True
-    )
-    train_mod._check_metrics(args)
-    assert args.metric_for_best_model == "wer" and args.greater_is_better is False
+    predictions = ["a red star.", "a cat"]
+    references = [["A red star"], ["a blue square", "a dog"]]
+    with_java = captioner.metrics.compute(predictions, references)
+    monkeypatch.setattr(captioner.metrics, "java_available", lambda: False)
+    without = captioner.metrics.compute(predictions, references)
+    assert without["meteor"] is None and with_java["meteor"] is not None
+    for key in ("bleu_4", "rouge_l", "cider", "wer", "exact_match"):
+        assert without[key] == pytest.approx(with_java[key]), key
+    assert without["exact_match"] == 0.5  # "a red star." == "A red star" once tokenized
