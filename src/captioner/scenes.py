@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -226,3 +228,43 @@ def _captions(rng: random.Random, things: list[Thing], bg: str, vertical: bool) 
             ],
         )
     return [first] + rng.sample(others, rng.randint(2, 4))
+
+
+# --- reading the attributes back out of a caption ---
+
+_OBJECT = re.compile(
+    r"\b(?:(large|small) )?(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b"
+)
+_BACKGROUND = re.compile(r"\b(" + "|".join(BACKGROUNDS) + r") background\b|\bon (\w+)$")
+ATTRIBUTES = ("shape", "colour", "size", "background", "objects")
+
+
+def caption_attributes(caption: str) -> dict[str, Any]:
+    """What a scene caption says: the objects' shapes, colours and sizes (sorted lists: the
+    paraphrases name objects in different orders), the background, and the objects as
+    (size, colour, shape) triples. Anything it does not say is empty or None."""
+    text = " ".join(caption.lower().replace(",", " ").split())
+    objects = sorted((size or "", colour, shape) for size, colour, shape in _OBJECT.findall(text))
+    match = _BACKGROUND.search(text)
+    background = None
+    if match:
+        background = match.group(1) or (match.group(2) if match.group(2) in BACKGROUNDS else None)
+    return {
+        "shape": sorted(o[2] for o in objects),
+        "colour": sorted(o[1] for o in objects),
+        "size": sorted(o[0] for o in objects),
+        "background": background,
+        "objects": objects,
+    }
+
+
+def attribute_accuracy(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Per attribute, the fraction of images whose caption states it exactly as the canonical
+    reference (the first) does: a wrong shape cannot hide behind a low WER."""
+    truths = [caption_attributes(refs[0]) for refs in references]
+    guesses = [caption_attributes(p) for p in predictions]
+    n = max(len(predictions), 1)
+    return {
+        f"{key}_accuracy": sum(g[key] == t[key] for g, t in zip(guesses, truths, strict=True)) / n
+        for key in ATTRIBUTES
+    }

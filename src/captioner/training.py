@@ -41,11 +41,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from captioner import metrics
 from captioner.collate import INDEX_COLUMN, CaptionCollator
+from captioner.compose import freeze, vision_tower
 from captioner.data import DataArguments, ImageColumn, first_rows
 from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.models import CONFIG_NAME, build_preset, is_preset, load_model
+from captioner.features import FeatureCache
+from captioner.models import CONFIG_NAME, build_preset, load_model, needs_build
 from captioner.report import plot_curves
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,23 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the Hub repository."}
+    )
+    freeze: str | None = field(
+        default=None,
+        metadata={
+            "help": "vision | none. Default: vision for composed models (vision=...,text=... "
+            "and presets built on a pretrained part), none otherwise.",
+        },
+    )
+    feature_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "With the vision tower frozen, compute its outputs once per image and reuse "
+            "them: auto (under $CAPTIONER_CACHE) | off | a folder."
+        },
+    )
+    feature_cache_max_gb: float = field(
+        default=8.0, metadata={"help": "Refuse to grow the feature cache past this size."}
     )
 
 
@@ -174,7 +193,7 @@ def parse_train_args(argv: list[str]) -> TrainArgs:
     if unknown:
         raise CaptionerError(f"{known.config}: unknown option(s): {', '.join(unknown)}")
     model = known.model or file_values.get("model")
-    if model and is_preset(model):
+    if model and needs_build(model):
         parser.set_defaults(**PRESET_TRAINING_DEFAULTS)
     parser.set_defaults(**file_values)
     try:
@@ -231,10 +250,10 @@ def train(
     `callbacks`: extra `TrainerCallback`s (the benchmark times steps with one)."""
     out = Path(training_args.output_dir)
     seed = training_args.seed
-    # 1. The model, unless it is a preset (built from the training captions in step 3). A wrong
-    #    model path fails here, before any data is read.
+    # 1. The model, unless it is a preset or a composition (built from the training captions in
+    #    step 3). A wrong model path fails here, before any data is read.
     model = processor = None
-    if not is_preset(model_args.model):
+    if not needs_build(model_args.model):
         model, processor = load_model(
             model_args.model, trust_remote_code=model_args.trust_remote_code
         )
@@ -242,31 +261,35 @@ def train(
     train_ds, eval_ds = _load_splits(data_args, seed)
     if eval_ds is None and training_args.eval_strategy != "no":
         raise CaptionerError("no eval split (test_size=0): pass --eval_strategy no")
-    # 3. A preset: a tokenizer trained on the training captions, a randomly initialised GIT.
+    # 3. A preset or composition: a tokenizer trained on the training captions; what is not a
+    #    pretrained part starts random.
     if model is None:
         preset_dir = out / "preset"
         if not (training_args.resume and (preset_dir / "config.json").exists()):
             captions = [c for caps in train_ds["captions"] for c in caps]
             build_preset(model_args.model, captions, preset_dir, seed=seed)
         model, processor = load_model(preset_dir)
-    # 4. The collator (with the pixel cache for small datasets) and the Trainer.
-    cache = _pixel_cache_dir(
-        training_args.pixel_cache, processor, len(train_ds) + len(eval_ds or [])
-    )
+    # 4. A frozen vision tower runs once per image: its outputs are cached.
+    features = _frozen_features(model_args, model, processor, [train_ds, eval_ds])
+    # 5. The collator (pixels cached on disk for small datasets) and the Trainer.
+    n_images = len(train_ds) + len(eval_ds or [])
     collator = CaptionCollator(
         processor,
         seed=seed,
-        cache_dir=cache,
+        cache_dir=None
+        if features
+        else _pixel_cache_dir(training_args.pixel_cache, processor, n_images),
         labels_only=model.config.model_type == "vision-encoder-decoder",
+        features=features,
     )
     trainer = _make_trainer(
         model, processor, training_args, train_ds, eval_ds, collator, decoding, callbacks
     )
-    # 5. What ran, beside the model (evaluation reads the split from it).
+    # 6. What ran, beside the model (evaluation reads the split from it).
     out.mkdir(parents=True, exist_ok=True)
     resolved = _resolved_options(model_args, data_args, decoding, training_args)
     (out / CONFIG_NAME).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    # 6. Train, from the newest complete checkpoint with --resume.
+    # 7. Train, from the newest complete checkpoint with --resume.
     checkpoint = _resume_checkpoint(out) if training_args.resume else None
     log.info("training %s on %d examples (%d eval) -> %s", model_args.model, len(train_ds),
              len(eval_ds or []), out)  # fmt: skip
@@ -275,11 +298,42 @@ def train(
     except KeyboardInterrupt:
         log.warning("interrupted: the last checkpoint in %s can be resumed with --resume", out)
         raise
-    # 7. The final model, metrics, curves; the Hub.
+    # 8. The final model, metrics, curves; the Hub.
     _save_results(trainer, result, out, len(train_ds), eval_ds)
     if training_args.push_to_hub:
         _push(trainer, out)
     return out
+
+
+def _frozen_features(model_args: ModelArguments, model, processor, splits) -> FeatureCache | None:
+    """Freeze the vision tower when asked (by default for composed models) and, for an
+    encoder-decoder, fill the feature cache with every training and eval image."""
+    composed = needs_build(model_args.model) and model.config.model_type == "vision-encoder-decoder"
+    setting = model_args.freeze or ("vision" if composed else "none")
+    if setting not in ("vision", "none"):
+        raise CaptionerError(f"--freeze must be vision or none, not {setting!r}")
+    tower = vision_tower(model)
+    if setting == "none" or tower is None:
+        return None
+    log.info("froze the vision tower (%.1fM parameters)", freeze(tower) / 1e6)
+    if model_args.feature_cache == "off" or model.config.model_type != "vision-encoder-decoder":
+        return None
+    root = model_args.feature_cache
+    if root == "auto":
+        root = Path(os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner")
+        root = root / "features"
+    cache = FeatureCache(
+        root,
+        tower,
+        processor.image_processor,
+        max_bytes=int(model_args.feature_cache_max_gb * 2**30),
+    )
+    images = [src for ds in splits if ds is not None for src in ImageColumn(ds)]
+    computed = cache.fill(images)
+    log.info(
+        "feature cache %s: %d computed, %d reused", cache.dir, computed, len(images) - computed
+    )
+    return cache
 
 
 def _load_splits(data_args: DataArguments, seed: int):
