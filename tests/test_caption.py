@@ -153,14 +153,16 @@ def test_mixed_folder_captions_good_images_and_reports_bad_ones(
     assert "captioned 3, skipped 0, failed 3" in result.output
 
 
-def test_stdin_list_and_offline_url_become_rows(chatty_model_dir, tmp_path):
+def test_stdin_list_and_unfetchable_urls_become_rows(chatty_model_dir, tmp_path):
     path = make_images(tmp_path / "images", 1)[0]
-    url = "http://127.0.0.1:9/cat.jpg"  # nothing listens there: fails like a missing network
-    result = run_cli(chatty_model_dir, "-", *FAST, input=f"{path}\n{url}\n")
+    loopback = "http://127.0.0.1:9/cat.jpg"  # nothing listens there: fails like a missing network
+    nowhere = "http://nowhere.invalid/cat.jpg"  # a name that never resolves
+    result = run_cli(chatty_model_dir, "-", *FAST, input=f"{path}\n{loopback}\n{nowhere}\n")
     assert result.exit_code == 1
     rows = rows_of(result.stdout)
     assert rows[0]["image"] == str(path) and rows[0]["caption"]
-    assert rows[1]["image"] == url and "download failed" in rows[1]["error"]
+    assert rows[1]["image"] == loopback and "download failed" in rows[1]["error"]
+    assert rows[2]["image"] == nowhere and "did not resolve" in rows[2]["error"]
 
 
 def test_decoding_flags_reach_the_engine(chatty_model_dir, tmp_path, monkeypatch):

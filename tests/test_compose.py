@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captioner.checkpoints import last_complete_checkpoint as last_checkpoint
 from captioner.collate import CaptionCollator
 from captioner.compose import CompositeSpec
 from captioner.data import ImageColumn, load_captions
@@ -19,7 +20,7 @@ from captioner.engine import Captioner
 from captioner.errors import CaptionerError
 from captioner.features import FeatureCache
 from captioner.models import build_preset, load_model
-from captioner.training import last_checkpoint, parse_train_args, train
+from captioner.training import parse_train_args, train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 FAST = [
@@ -201,7 +202,8 @@ def test_blip_and_ved_train_and_resume(family, vision_dir, scenes, tmp_path):
     out = tmp_path / "run"
     flags = ["--model", model, "--data", str(scenes), "--output_dir", str(out),
              "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "2",
-             "--save_total_limit", "3", "--feature_cache", str(tmp_path / "features"), *FAST]  # fmt: skip
+             "--save_total_limit", "3", "--feature_cache", str(tmp_path / "features"),
+             *FAST]  # fmt: skip
     train(*_four(parse_train_args([*flags, "--max_steps", "2"])))
     first = json.loads((out / "trainer_state.json").read_text())
     assert first["global_step"] == 2 and last_checkpoint(out).endswith("checkpoint-2")

@@ -33,7 +33,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from captioner import cli  # noqa: E402
+from captioner import cli, fetch  # noqa: E402
 from captioner.decoding import DecodingOptions  # noqa: E402
 from captioner.engine import Captioner  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
@@ -155,7 +155,7 @@ def test_json_data_url_and_health_and_page():
     assert "/caption" in docs["paths"] and "multipart/form-data" in json.dumps(docs)
 
 
-def test_json_http_url_is_downloaded(tmp_path):
+def test_json_http_url_is_downloaded_only_when_allowed(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(png(24, 20))
     (tmp_path / "big.png").write_bytes(noise_png(100))  # ~30 KB
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -163,16 +163,23 @@ def test_json_http_url_is_downloaded(tmp_path):
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_address[1]}"
     try:
-        with client_for(max_upload_bytes=20_000) as client:
+        with client_for() as client:  # the default: no URL is fetched
+            off = client.post("/caption", json={"url": base + "/a.png"})
+            health = client.get("/health").json()
+        # this test's file server is on loopback, which the URL policy refuses: let it through
+        monkeypatch.setattr(fetch, "address_allowed", lambda address: True)
+        with client_for(max_upload_bytes=20_000, allow_url_fetch=True) as client:
             ok = client.post("/caption", json={"url": base + "/a.png"})
             missing = client.post("/caption", json={"url": base + "/nope.png"})
             big = client.post("/caption", json={"url": base + "/big.png"})
     finally:
         files.shutdown()
+    assert off.status_code == 403 and "does not fetch URLs" in off.json()["detail"], off.text
+    assert health["url_fetch"] is False
     assert ok.status_code == 200 and ok.json()["caption"].startswith("24x20"), ok.text
-    assert missing.status_code == 422, missing.text
-    assert missing.json()["detail"] == f"{base}/nope.png: download failed (HTTP 404)"
-    assert big.status_code == 413 and "big.png" in big.json()["detail"], big.text
+    # every failure gets one answer: a caller must not learn status codes or closed ports
+    generic = {missing.json()["detail"].split(": ", 1)[1], big.json()["detail"].split(": ", 1)[1]}
+    assert missing.status_code == big.status_code == 422 and generic == {fetch.GENERIC_ERROR}
 
 
 def test_decoding_options_reach_the_captioner_as_one_decoding_options():

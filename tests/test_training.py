@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from captioner.checkpoints import last_complete_checkpoint as last_checkpoint
 from captioner.data import DataArguments
 from captioner.errors import CaptionerError
 from captioner.training import (
     CaptionTrainingArguments,
     ModelArguments,
-    last_checkpoint,
     load_config_file,
     parse_train_args,
     train,
@@ -137,15 +137,6 @@ def test_training_arguments_defaults_and_cpu_rules(tmp_path, caplog):
     if not torch.cuda.is_available():
         *_, args = args_for("tiny", "d", tmp_path, "--fp16")
         assert not args.fp16 and "fp16 needs a CUDA GPU" in caplog.text
-
-
-def test_last_checkpoint_skips_incomplete(tmp_path):
-    for step in (2, 10):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-12").mkdir()  # killed while saving: no trainer_state.json
-    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
-    assert last_checkpoint(tmp_path / "checkpoint-12") is None
 
 
 # --- bad inputs fail at once, with one clear line -----------------------------------------

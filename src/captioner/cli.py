@@ -339,6 +339,14 @@ def caption_command(
     skip_existing: bool = typer.Option(False, "--skip_existing", help="Keep existing sidecars."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace sidecars / --output."),
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --output."),
+    retry_errors: bool = typer.Option(
+        False, "--retry_errors", help="With --resume: caption the error rows again."
+    ),
+    on_collision: str = typer.Option(
+        "error",
+        "--on_collision",
+        help="Two images, one sidecar name (cat.jpg + cat.png): error | full_name (cat.jpg.txt).",
+    ),
     batch_size: int | None = typer.Option(None, "--batch_size", help="Default: automatic."),
     seed: int | None = typer.Option(None, "--seed", help="Makes --do_sample repeatable."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: auto)."),
@@ -367,6 +375,8 @@ def caption_command(
         skip_existing=skip_existing,
         overwrite=overwrite,
         resume=resume,
+        retry_errors=retry_errors,
+        on_collision=on_collision,
         decoding=decoding,
         batch_size=batch_size,
         device=device,
@@ -412,6 +422,15 @@ def serve(
         envvar="CAPTIONER_API_KEY",
         help="Require this key in X-API-Key (or Bearer).",
     ),
+    allow_url_fetch: bool = typer.Option(
+        False, "--allow_url_fetch", help="Fetch JSON http(s) URLs (public addresses only)."
+    ),
+    allowed_hosts: list[str] | None = typer.Option(
+        None,
+        "--allowed_hosts",
+        help="Host header names to accept (repeatable; * = any; default: loopback names for a "
+        "loopback bind, any otherwise).",
+    ),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
@@ -427,7 +446,7 @@ def serve(
     try:
         import uvicorn
 
-        from captioner.serve import create_app
+        from captioner.serve.app import create_app, default_allowed_hosts, uvicorn_options
     except ImportError as err:
         raise CaptionerError(
             f"`captioner serve` needs the serve extra ({err.name} is missing): "
@@ -445,11 +464,19 @@ def serve(
         max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
         api_key=api_key,
         model_name=model,
+        allow_url_fetch=allow_url_fetch,
+        allowed_hosts=allowed_hosts or default_allowed_hosts(host),
     )
     create_app(None, **settings)  # bad settings fail here, before the model loads
     captioner = Captioner.from_pretrained(model, device=device, trust_remote_code=trust_remote_code)
     console.print(f"serving [bold]{model}[/] at http://{host}:{port}/  (API docs: /docs)")
-    uvicorn.run(create_app(captioner, **settings), host=host, port=port, log_level="warning")
+    uvicorn.run(
+        create_app(captioner, **settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        **uvicorn_options(),
+    )
 
 
 # --- push ---
@@ -469,6 +496,21 @@ def push(
     from captioner.hub import push_to_hub
 
     console.print(f"pushed: {push_to_hub(model_dir, hub_model_id, private=private)}")
+
+
+# --- merge ---
+
+
+@app.command()
+def merge(
+    adapter_dir: str = typer.Argument(..., help="A LoRA training output (adapter_config.json)."),
+    out: str = typer.Argument(..., help="Folder for the merged, plain transformers model."),
+) -> None:
+    """Fold a LoRA adapter into its base model: a plain folder that needs neither peft nor
+    captioner (caption, eval and serve also take the adapter folder itself)."""
+    from captioner.models import merge_adapter
+
+    console.print(f"merged model in {merge_adapter(adapter_dir, out)}")
 
 
 # --- demo ---

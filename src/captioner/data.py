@@ -9,8 +9,9 @@ Sources (`load_captions(source)`):
 Each reader builds a `datasets.Dataset`; one shared pass then drops (or fails on) examples
 with no usable caption or image, so `captioner data check` and the loaders agree exactly.
 
-`datasets` and `webdataset` (1.5 s and 2.8 s to import here) are imported inside the functions
-that use them: the CLI imports this module for `DataArguments` when it builds `--help`.
+`datasets` (1.5 s to import here) is imported inside the functions that use it: the CLI imports
+this module for `DataArguments` when it builds `--help`. Shards are read with the standard
+library's `tarfile`, as local files only (see `_tar_samples`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import csv
 import io
 import json
 import logging
+import lzma
 import os
+import re
+import tarfile
+import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,12 @@ IMAGE_COLUMNS = ("image", "file_name", "image_path", "path", "filename", "file",
 CAPTION_COLUMNS = ("text", "captions", "caption", "sentences", "txt")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# One tar member is held in memory at a time; a real image or caption is far below this.
+MAX_TAR_MEMBER_BYTES = 64 * 1024 * 1024
+# webdataset's sample key and extension (`dir/key.ext.more` -> `dir/key`, `ext.more`) and the
+# metadata members it skips (`__key__`-like names)
+_WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_WDS_META = re.compile(r"^__[^/]*__($|/)")
 
 
 @dataclass
@@ -300,7 +311,7 @@ def _from_sidecars(root: Path, files: list[Path]):
                 bad.append(BadExample(str(f), f"several images share one caption stem ({names})"))
             continue
         txt = stem.with_suffix(".txt")
-        if not txt.exists():
+        if not txt.is_file():  # a FIFO or device named like a caption would block the read
             bad.append(BadExample(str(found[0]), f"no caption file ({txt.name})"))
             continue
         try:
@@ -388,44 +399,75 @@ def _manifest_rows(manifest: Path) -> tuple[list[tuple[str, dict]], list[BadExam
 
 
 def _from_webdataset(shards: list[Path], caption_column: str | None):
-    """webdataset shards via the `webdataset` library: one sample = files sharing a key."""
-    import webdataset as wds
-
+    """webdataset shards: one sample = the tar members sharing a key (`a/b.jpg` + `a/b.txt`)."""
     bad: list[BadExample] = []
-
-    def on_error(err: Exception) -> bool:  # a broken member or tar: note it and carry on
-        # webdataset appends (stream, url) to the exception's args
-        url = err.args[-1] if len(err.args) > 1 and isinstance(err.args[-1], str) else shards[0]
-        bad.append(
-            BadExample(str(url), f"unreadable tar shard ({err.args[0] if err.args else err})")
-        )
-        return True
-
     images, captions = [], []
-    samples = wds.WebDataset(
-        [str(s) for s in shards], shardshuffle=False, handler=on_error, empty_check=False
-    )
-    for sample in samples:
-        name = f"{sample.get('__url__', '')}/{sample['__key__']}"
-        found = [k for k in WDS_IMAGE_KEYS if k in sample]
-        if len(found) != 1:
-            why = "no image" if not found else f"several images ({', '.join(found)})"
-            bad.append(BadExample(name, why))
-            continue
-        try:
-            caps = _wds_captions(sample, caption_column)
-        except UnicodeDecodeError:
-            bad.append(BadExample(name, "caption is not UTF-8 text"))
-            continue
-        except json.JSONDecodeError:
-            bad.append(BadExample(f"{name}.json", "invalid JSON"))
-            continue
-        if not caps:
-            bad.append(BadExample(f"{name}.{found[0]}", "no caption"))
-            continue
-        images.append({"bytes": sample[found[0]], "path": f"{name}.{found[0]}"})
-        captions.append(caps)
+    for shard in shards:
+        for sample in _tar_samples(shard, bad):
+            name = f"{shard}/{sample['__key__']}"
+            found = [k for k in WDS_IMAGE_KEYS if k in sample]
+            if len(found) != 1:
+                why = "no image" if not found else f"several images ({', '.join(found)})"
+                bad.append(BadExample(name, why))
+                continue
+            try:
+                caps = _wds_captions(sample, caption_column)
+            except UnicodeDecodeError:
+                bad.append(BadExample(name, "caption is not UTF-8 text"))
+                continue
+            except json.JSONDecodeError:
+                bad.append(BadExample(f"{name}.json", "invalid JSON"))
+                continue
+            if not caps:
+                bad.append(BadExample(f"{name}.{found[0]}", "no caption"))
+                continue
+            images.append({"bytes": sample[found[0]], "path": f"{name}.{found[0]}"})
+            captions.append(caps)
     return {"train": _dataset(images, captions)}, bad
+
+
+def _tar_samples(shard: Path, bad: list[BadExample]) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, grouped by key as webdataset groups them.
+
+    The shard is opened here as a local file and streamed with `tarfile`: a shard's name is never
+    handed to a library that reads names as URLs (webdataset runs `pipe:...` names as shell
+    commands). A member whose header declares more than `MAX_TAR_MEMBER_BYTES` is reported and
+    skipped without being read into memory (a gzip bomb inflates to its declared size, not more);
+    its sample is dropped. A shard that breaks off is reported once; its samples read so far stay.
+    """
+    current: dict[str, Any] | None = None
+    try:
+        with open(shard, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as stream:
+            for member in stream:
+                match = _WDS_NAME.match(member.name)
+                if not member.isreg() or not match or _WDS_META.match(member.name):
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if current is None or key != current["__key__"]:
+                    if current is not None and "__dropped__" not in current:
+                        yield current
+                    current = {"__key__": key}
+                if ext in current:
+                    bad.append(BadExample(f"{shard}/{member.name}", "duplicate member (skipped)"))
+                    continue
+                if member.size > MAX_TAR_MEMBER_BYTES:
+                    bad.append(
+                        BadExample(
+                            f"{shard}/{member.name}",
+                            f"tar member of {member.size:,} bytes is over the "
+                            f"{MAX_TAR_MEMBER_BYTES:,} byte limit (skipped unread)",
+                        )
+                    )
+                    current["__dropped__"] = True
+                    continue
+                member_file = stream.extractfile(member)
+                current[ext] = member_file.read() if member_file is not None else b""
+                stream.members = []  # a streamed shard: keep no per-member state
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as err:
+        bad.append(BadExample(str(shard), f"unreadable tar shard ({_short(err)})"))
+        return  # the sample in progress may be missing members: dropped with the shard's end
+    if current is not None and "__dropped__" not in current:
+        yield current
 
 
 def _wds_captions(sample: dict, caption_column: str | None) -> list[str]:

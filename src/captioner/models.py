@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoProcessor, GitConfig, GitForCausalLM, G
 from captioner.compose import CompositeSpec, build_composite, is_spec
 from captioner.errors import CaptionerError
 from captioner.hub import hub_reachable, is_offline
+from captioner.lora import attach, base_model_path, is_adapter_dir
 from captioner.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,17 @@ def _load_error(name_or_path: str, err: Exception) -> CaptionerError:
     )
 
 
-def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False):
-    """Return `(model, processor)` for a Hub id or a `save_pretrained` directory.
+def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False, merge: bool = True):
+    """Return `(model, processor)` for a Hub id, a `save_pretrained` directory, or a LoRA adapter
+    folder (its base model with the adapter folded in; `merge=False` keeps the peft wrapper).
 
     safetensors only; remote code only when the user asks for it.
     """
     name = str(name_or_path)
+    if is_adapter_dir(name):
+        base, _ = load_model(base_model_path(name), trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return attach(base, name, merge=merge), processor
     if not Path(name).exists() and not is_offline() and not hub_reachable():
         raise _load_error(name, ConnectionError("the Hub is unreachable"))
     try:
@@ -114,6 +120,18 @@ def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False):
     except (OSError, ValueError) as err:
         raise _load_error(name, err) from None
     return model, processor
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold a LoRA adapter into its base model and save a plain model folder (with the
+    processor) that loads without peft or captioner."""
+    if not is_adapter_dir(adapter_dir):
+        raise CaptionerError(f"{adapter_dir}: not a LoRA adapter folder (no adapter_config.json)")
+    model, processor = load_model(adapter_dir)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
 
 
 def preset_config(name: str) -> dict:

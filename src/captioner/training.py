@@ -37,9 +37,9 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from captioner import metrics
+from captioner.checkpoints import last_complete_checkpoint
 from captioner.collate import INDEX_COLUMN, CaptionCollator
 from captioner.compose import freeze, vision_tower
 from captioner.data import DataArguments, ImageColumn, first_rows
@@ -47,7 +47,15 @@ from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
 from captioner.features import FeatureCache
-from captioner.models import CONFIG_NAME, build_preset, load_model, needs_build
+from captioner.lora import add_lora
+from captioner.models import (
+    CONFIG_NAME,
+    build_preset,
+    is_preset,
+    load_model,
+    needs_build,
+    preset_config,
+)
 from captioner.report import plot_curves
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,20 @@ class ModelArguments:
     )
     feature_cache_max_gb: float = field(
         default=8.0, metadata={"help": "Refuse to grow the feature cache past this size."}
+    )
+    lora_r: int = field(
+        default=0, metadata={"help": "LoRA rank on the language model's attention (0: off)."}
+    )
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling (alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names to adapt (default: the text decoder's attention projections)."
+        },
+    )
+    lora_vision: bool = field(
+        default=False, metadata={"help": "Also put LoRA adapters on the vision tower."}
     )
 
 
@@ -195,6 +217,8 @@ def parse_train_args(argv: list[str]) -> TrainArgs:
     model = known.model or file_values.get("model")
     if model and needs_build(model):
         parser.set_defaults(**PRESET_TRAINING_DEFAULTS)
+    if model and is_preset(model):  # a preset may carry its own (dinov2-smollm2: LoRA)
+        parser.set_defaults(**preset_config(model).get("training_defaults", {}))
     parser.set_defaults(**file_values)
     try:
         *args, _, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
@@ -269,8 +293,18 @@ def train(
             captions = [c for caps in train_ds["captions"] for c in caps]
             build_preset(model_args.model, captions, preset_dir, seed=seed)
         model, processor = load_model(preset_dir)
-    # 4. A frozen vision tower runs once per image: its outputs are cached.
+    # 4. A frozen vision tower runs once per image: its outputs are cached. LoRA freezes the
+    #    rest: only adapters (and the parts of a composition that start random) train.
     features = _frozen_features(model_args, model, processor, [train_ds, eval_ds])
+    if model_args.lora_r:
+        model = add_lora(
+            model,
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            vision=model_args.lora_vision,
+        )
     # 5. The collator (pixels cached on disk for small datasets) and the Trainer.
     n_images = len(train_ds) + len(eval_ds or [])
     collator = CaptionCollator(
@@ -402,7 +436,7 @@ def _field_defaults(cls) -> dict[str, Any]:
 
 
 def _resume_checkpoint(out: Path) -> str | None:
-    checkpoint = last_checkpoint(out)
+    checkpoint = last_complete_checkpoint(out)
     if checkpoint is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
     else:
@@ -435,19 +469,6 @@ def _push(trainer: Trainer, out: Path) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).splitlines()[0] if str(err) else ""
     return f"{type(err).__name__}: {text}"
-
-
-def last_checkpoint(out: Path) -> str | None:
-    """The newest *complete* checkpoint: Trainer writes trainer_state.json last, so a run killed
-    while saving leaves a folder without it, which resuming must step over."""
-    found = [p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
-    done = []
-    for p in sorted(found, key=lambda p: int(p.name.split("-")[-1])):
-        if (p / "trainer_state.json").exists():
-            done.append(p)
-        else:
-            log.warning("ignoring incomplete checkpoint %s (killed while saving?)", p)
-    return str(done[-1]) if done else None
 
 
 def _pixel_cache_dir(setting: str, processor, n_images: int) -> Path | None:

@@ -1,7 +1,7 @@
 """The HTTP server: FastAPI routes over `Captioner.caption`, through the dynamic batcher.
 
     POST /caption   multipart upload (field `file` or `files`, one or several images) or JSON
-                    {"url": "http(s)://..." | "data:image/...;base64,..."}; decoding options as
+                    {"url": "data:image/...;base64,..." | "http(s)://..."}; decoding options as
                     form/JSON fields. -> {"caption", "model", "latency_ms"} (several -> "results")
     GET  /health    {"status", "model", "device", ...}
     GET  /          one static page: choose or drop an image, see it with its caption
@@ -9,49 +9,78 @@
 
 Every request is checked and decoded *before* it joins a batch, so an oversized, non-image or
 bomb upload is answered with its own JSON error (413 / 415 / 422) and never touches the
-requests batched with it. Errors are `{"detail": "<file>: <what is wrong>"}`.
+requests batched with it. Errors are `{"detail": "<file>: <what is wrong>"}`; every error is
+JSON, and only a bug answers 500.
+
+Memory is bounded by design: JSON bodies are read up to `max_json_bytes` (64 KiB) before they
+are parsed; every request reserves, from one server-wide budget (`max_decoded_bytes`), the bytes
+of its uploads and what decoding each image will hold (known from the header, before decoding),
+and gives them back when it is answered. A full budget or a full queue is a 503 with
+Retry-After, before any work is queued. A request whose client hangs up is cancelled, and its
+queued images are dropped before `generate`.
+
+The server fetches no URL unless `allow_url_fetch` is set; then `captioner.fetch`'s policy
+applies (public addresses only, every redirect checked, one deadline, a byte limit) and every
+failure gets the same answer, so the server cannot be used to map its own network.
+`allowed_hosts` checks the Host header (DNS rebinding reaches even a 127.0.0.1 bind);
+`uvicorn_options` are the connection limits and timeouts to run it with.
 
 The owners of the rules this module applies: decoding options and their bounds are
 `captioner.decoding.DecodingOptions`, URL downloads and data: URLs are `captioner.fetch`, the
-pixel limit and image decoding are `captioner.images`.
-
-A JSON `url` is downloaded by the server (http/https only, time and byte limits). That lets any
-caller make the server fetch URLs, including ones on its own network: keep the default
-127.0.0.1 bind, or set an API key, before exposing it.
+pixel limit, the format whitelist and image decoding are `captioner.images`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
-import io
 import json
+import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple, Protocol
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from captioner import __version__, fetch
 from captioner.decoding import BOUNDS, MAX_PROMPT_CHARS, DecodingOptions, option_help
 from captioner.errors import BadImageError, CaptionerError
-from captioner.images import DEFAULT_MAX_PIXELS, load_image
+from captioner.images import (
+    ALLOWED_FORMATS,
+    DEFAULT_MAX_PIXELS,
+    NotAnImageError,
+    decode_rgb,
+    decoded_bytes,
+    open_checked,
+)
 from captioner.serve.batcher import Batcher, Caption, QueueFullError
 
-# Formats a browser or camera produces. Others (PSD, EPS, ICO, ...) are refused with 415 before
-# any decoder beyond these header parsers sees the bytes.
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+log = logging.getLogger(__name__)
+
 FILE_FIELDS = ("file", "files")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 MAX_FORM_FIELDS = 32
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the form's own bytes beside max_files full uploads
+# A JSON body is a URL and a few options; a larger one is refused before it is parsed (parsing
+# a 150 MB `[{},{},...]` body took 4 GB). A data: URL larger than this must be an upload.
+MAX_JSON_BYTES = 64 * 1024
+# Pixels decoded and bytes uploaded, held at once by all requests together: what bounds the
+# server's memory (16 solid 5000x5000 PNGs are 1.3 MB on the wire and 1.2 GB decoded).
+DEFAULT_MAX_DECODED_BYTES = 1024**3
+BODY_TIMEOUT_S = 60.0  # the whole request body, first byte to last
+IDLE_TIMEOUT_S = 15.0  # the longest pause between two chunks of a body
+MAX_DETAIL_CHARS = 500
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 class CaptionsImages(Protocol):
@@ -67,12 +96,70 @@ class CaptionsImages(Protocol):
 
 
 class Rejected(Exception):
-    """A request answered with a JSON error: `{"detail": message}` and `status`."""
+    """A request answered with a JSON error: `{"detail": message}` and `status` (and a
+    Retry-After header, in seconds, when the server is busy)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
+
+
+class MemoryBudget:
+    """Bytes in flight, shared by every request (thread-safe: images are decoded in threads)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+    @contextlib.contextmanager
+    def hold(self, retry_after: Callable[[], int]) -> Iterator[Hold]:
+        """A request's share: whatever it takes is given back when the request ends."""
+        share = Hold(self, retry_after)
+        try:
+            yield share
+        finally:
+            self.give(share.held)
+
+
+class Hold:
+    """One request's share of the `MemoryBudget`."""
+
+    def __init__(self, budget: MemoryBudget, retry_after: Callable[[], int]) -> None:
+        self.budget = budget
+        self.retry_after = retry_after
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int, name: str, what: str) -> None:
+        """Reserve `n` bytes for `name`, or answer: 422 if it could never fit, 503 if not now."""
+        if n > self.budget.limit:
+            raise Rejected(
+                422,
+                f"{name}: {what} needs {n:,} bytes, more than this server ever holds "
+                f"({self.budget.limit:,})",
+            )
+        if not self.budget.take(n):
+            raise Rejected(
+                503,
+                "server busy: its memory for images in flight is in use; retry later",
+                retry_after=self.retry_after(),
+            )
+        with self._lock:
+            self.held += n
 
 
 @dataclass(frozen=True)
@@ -88,16 +175,28 @@ class ServerSettings:
     max_queue: int
     model_name: str
     device: str
+    allow_url_fetch: bool = False
+    allowed_hosts: tuple[str, ...] | None = None
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    max_json_bytes: int = MAX_JSON_BYTES
+    body_timeout_s: float = BODY_TIMEOUT_S
+    idle_timeout_s: float = IDLE_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_upload_bytes", "max_pixels", "max_files", "max_queue"):
+        positive = ("max_batch_size", "max_upload_bytes", "max_pixels", "max_files", "max_queue")
+        for name in (*positive, "max_decoded_bytes", "max_json_bytes"):
             value = getattr(self, name)
             if value < 1:
                 raise CaptionerError(f"--{name} must be >= 1, got {value}")
         if not self.max_wait_ms >= 0:  # written so that NaN fails too
             raise CaptionerError(f"--max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        for name in ("body_timeout_s", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise CaptionerError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key.strip():
             raise CaptionerError("--api_key must not be empty")
+        if self.allowed_hosts is not None and not all(h.strip() for h in self.allowed_hosts):
+            raise CaptionerError("--allowed_hosts must not contain an empty name")
 
     @property
     def max_body_bytes(self) -> int:
@@ -131,12 +230,22 @@ def create_app(
     max_files: int = 16,
     max_queue: int = 1024,
     model_name: str | None = None,
+    allow_url_fetch: bool = False,
+    allowed_hosts: Sequence[str] | None = None,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    max_json_bytes: int = MAX_JSON_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
 ) -> FastAPI:
     """Build the app around a loaded `Captioner` (anything with `.caption(images, decoding)`).
 
-    `max_upload_bytes` and `max_pixels` apply per image, `max_files` per request. `api_key`
-    protects POST /caption (header `X-API-Key` or `Authorization: Bearer`); the page, /health
-    and /docs stay open. `max_batch_size=1` turns dynamic batching off. A bad setting raises
+    `max_upload_bytes` and `max_pixels` apply per image, `max_files` per request,
+    `max_decoded_bytes` to all requests together (uploads plus decoded pixels in flight).
+    `api_key` protects POST /caption (header `X-API-Key` or `Authorization: Bearer`); the page,
+    /health and /docs stay open. `allow_url_fetch` lets JSON `{"url": "http(s)://..."}` make
+    the server download (off: only data: URLs). `allowed_hosts` (names, `*` for any) checks
+    the Host header of every request (`default_allowed_hosts(bind)` gives the loopback names
+    for a loopback bind). `max_batch_size=1` turns dynamic batching off. A bad setting raises
     `CaptionerError` before anything starts.
     """
     settings = ServerSettings(
@@ -149,8 +258,15 @@ def create_app(
         max_queue=max_queue,
         model_name=model_name or _model_name(captioner),
         device=str(getattr(captioner, "device", "cpu")),
+        allow_url_fetch=allow_url_fetch,
+        allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
+        max_decoded_bytes=max_decoded_bytes,
+        max_json_bytes=max_json_bytes,
+        body_timeout_s=body_timeout_s,
+        idle_timeout_s=idle_timeout_s,
     )
     batcher = _build_batcher(captioner, settings)
+    budget = MemoryBudget(settings.max_decoded_bytes)
     app = FastAPI(
         title="captioner",
         summary="Image captioning with dynamic batching.",
@@ -159,12 +275,80 @@ def create_app(
     )
     app.state.batcher = batcher
     app.state.settings = settings
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.state.budget = budget
+    app.add_middleware(RequestGuard, settings=settings)
     app.add_exception_handler(Rejected, _answer_rejected)
+    app.add_exception_handler(Exception, _answer_bug)
     _add_page_route(app)
-    _add_health_route(app, batcher, settings)
-    _add_caption_route(app, batcher, settings)
+    _add_health_route(app, batcher, settings, budget)
+    _add_caption_route(app, batcher, settings, budget)
     return app
+
+
+def default_allowed_hosts(bind: str) -> list[str] | None:
+    """The Host names to accept for a server bound to `bind`: the loopback names for a
+    loopback bind (a DNS-rebinding page then cannot talk to it), anything otherwise (None)."""
+    if bind in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        return list(LOOPBACK_HOSTS)
+    return None
+
+
+def uvicorn_options(
+    *,
+    limit_concurrency: int = 64,
+    header_timeout_s: float = 10.0,
+    keep_alive_s: int = 5,
+    graceful_shutdown_s: int = 10,
+) -> dict[str, Any]:
+    """`uvicorn.run` keywords that bound what slow and idle clients can hold: at most
+    `limit_concurrency` connections (uvicorn answers 503 beyond), request headers complete
+    within `header_timeout_s` (uvicorn itself has no such limit), idle keep-alive connections
+    closed after `keep_alive_s`, and SIGTERM waits at most `graceful_shutdown_s` for open
+    requests. Body timeouts are `create_app`'s (`body_timeout_s`, `idle_timeout_s`)."""
+    return {
+        "limit_concurrency": limit_concurrency,
+        "timeout_keep_alive": keep_alive_s,
+        "timeout_graceful_shutdown": graceful_shutdown_s,
+        "h11_max_incomplete_event_size": 16 * 1024,
+        "http": header_timeout_protocol(header_timeout_s),
+    }
+
+
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's HTTP protocol class, closing a connection that has not sent a complete request
+    head `seconds` after it opened or after its previous response (slow-header clients)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # httptools is optional in uvicorn
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class HeaderTimeoutProtocol(Base):  # type: ignore[misc, valid-type]
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            waiting = self.cycle  # a new request replaces it once its head is complete
+            self._header_timer = self.loop.call_later(seconds, self._header_timeout, waiting)
+
+        def _header_timeout(self, waiting: Any) -> None:
+            if self.cycle is waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
 
 
 # ---- the steps of create_app ----
@@ -202,8 +386,24 @@ def _lifespan(batcher: Batcher) -> Callable[[FastAPI], AbstractAsyncContextManag
 
 
 async def _answer_rejected(request: Request, err: Rejected) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse({"detail": err.message}, status_code=err.status, headers=headers)
+    return _error_response(err)
+
+
+def _error_response(err: Rejected) -> JSONResponse:
+    headers = {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
+    detail = err.message
+    if len(detail) > MAX_DETAIL_CHARS:  # a 5000-digit number echoed back helps nobody
+        detail = detail[: MAX_DETAIL_CHARS - 3] + "..."
+    return JSONResponse({"detail": detail}, status_code=err.status, headers=headers or None)
+
+
+async def _answer_bug(request: Request, err: Exception) -> JSONResponse:
+    log.error("unhandled error on %s", request.url.path, exc_info=err)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
 def _add_page_route(app: FastAPI) -> None:
@@ -213,7 +413,9 @@ def _add_page_route(app: FastAPI) -> None:
         return HTMLResponse(page)
 
 
-def _add_health_route(app: FastAPI, batcher: Batcher, settings: ServerSettings) -> None:
+def _add_health_route(
+    app: FastAPI, batcher: Batcher, settings: ServerSettings, budget: MemoryBudget
+) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         stats = batcher.stats
@@ -222,22 +424,31 @@ def _add_health_route(app: FastAPI, batcher: Batcher, settings: ServerSettings) 
             "model": settings.model_name,
             "device": settings.device,
             "auth": settings.api_key is not None,
+            "url_fetch": settings.allow_url_fetch,
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "batches": stats.batches,
             "images": stats.images,
             "largest_batch": stats.largest_batch,
+            "abandoned": stats.abandoned,
+            "queued": batcher.queued,
+            "bytes_in_flight": budget.used,
         }
 
 
-def _add_caption_route(app: FastAPI, batcher: Batcher, settings: ServerSettings) -> None:
+def _add_caption_route(
+    app: FastAPI, batcher: Batcher, settings: ServerSettings, budget: MemoryBudget
+) -> None:
     @app.post("/caption", openapi_extra=_caption_openapi())
     async def caption(request: Request) -> dict[str, Any]:
         start = time.perf_counter()
         _check_key(request, settings.api_key)
-        body = await _read_request(request, settings)
-        images = await _decode_all(body.uploads, settings.max_pixels)
-        captions = await _caption_all(batcher, images, body)
+        _check_room(batcher, 1)
+        with budget.hold(batcher.retry_after_s) as hold:
+            body = await _read_request(request, settings, hold)
+            _check_room(batcher, len(body.uploads))  # 503 before decoding anything
+            images = await _decode_all(body.uploads, settings.max_pixels, hold)
+            captions = await _unless_client_leaves(request, _caption_all(batcher, images, body))
         latency_ms = round((time.perf_counter() - start) * 1000, 1)
         return _answer(body, captions, settings.model_name, latency_ms)
 
@@ -249,23 +460,32 @@ def _check_key(request: Request, api_key: str | None) -> None:
     """401 unless the request carries `api_key` (when one is set)."""
     if api_key is None:
         return
-    given = request.headers.get("x-api-key")
+    given = (request.headers.get("x-api-key") or "").strip()
     auth = request.headers.get("authorization", "")
-    if given is None and auth.lower().startswith("bearer "):
+    if not given and auth.lower().startswith("bearer "):
         given = auth[7:].strip()
-    if given is None:
+    if not given:  # an empty key is no key
         raise Rejected(401, "missing API key (send header X-API-Key or Authorization: Bearer)")
     if not hmac.compare_digest(given.encode(), api_key.encode()):
         raise Rejected(401, "wrong API key")
 
 
-async def _read_request(request: Request, settings: ServerSettings) -> CaptionRequest:
+def _check_room(batcher: Batcher, n: int) -> None:
+    if not batcher.has_room(n):
+        raise Rejected(
+            503,
+            f"server busy: {batcher.queued} images are waiting; retry later",
+            retry_after=batcher.retry_after_s(),
+        )
+
+
+async def _read_request(request: Request, settings: ServerSettings, hold: Hold) -> CaptionRequest:
     """A multipart form or a JSON body -> the images' bytes and the decoding options."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in FORM_TYPES:
-        return await _read_form(request, settings.max_files, settings.max_upload_bytes)
+        return await _read_form(request, settings.max_files, settings.max_upload_bytes, hold)
     if ctype == "application/json":
-        return await _read_json(request, settings.max_upload_bytes)
+        return await _read_json(request, settings, hold)
     raise Rejected(
         415,
         f"unsupported request type '{ctype or 'none'}': send multipart/form-data "
@@ -273,20 +493,25 @@ async def _read_request(request: Request, settings: ServerSettings) -> CaptionRe
     )
 
 
-async def _read_form(request: Request, max_files: int, max_upload_bytes: int) -> CaptionRequest:
+async def _read_form(
+    request: Request, max_files: int, max_upload_bytes: int, hold: Hold
+) -> CaptionRequest:
     try:
         form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
-    except HTTPException as err:  # starlette's parser errors (too many files, bad boundary...)
-        raise Rejected(422, f"malformed multipart body: {err.detail}") from None
+    except StarletteHTTPException as err:  # the parser's errors (too many files, bad boundary)
+        status = err.status_code if 400 <= err.status_code < 500 else 422
+        raise Rejected(status, f"malformed multipart body: {err.detail}") from None
     try:  # closing the form deletes any upload starlette spooled to a temp file
-        uploads, fields = _split_form(form, max_upload_bytes)
+        uploads, fields = _split_form(form, max_upload_bytes, hold)
     finally:
         await form.close()
     as_list = len(uploads) > 1 or any(u.field == "files" for u in uploads)
     return CaptionRequest(uploads, _decoding(fields), as_list)
 
 
-def _split_form(form: Any, max_upload_bytes: int) -> tuple[list[Upload], dict[str, Any]]:
+def _split_form(
+    form: Any, max_upload_bytes: int, hold: Hold | None = None
+) -> tuple[list[Upload], dict[str, Any]]:
     """Form items -> (uploads, {option: value}); a repeated option (bad_words) becomes a list."""
     uploads: list[Upload] = []
     fields: dict[str, list[str]] = {}
@@ -294,7 +519,7 @@ def _split_form(form: Any, max_upload_bytes: int) -> tuple[list[Upload], dict[st
         if key in FILE_FIELDS:
             if isinstance(value, str):
                 raise Rejected(422, f"field '{key}' must be a file upload, not text")
-            data = _read_upload(value, max_upload_bytes)
+            data = _read_upload(value, max_upload_bytes, hold)
             uploads.append(Upload(key, value.filename or "upload", data))
         elif isinstance(value, str):
             fields.setdefault(key, []).append(value)
@@ -305,11 +530,13 @@ def _split_form(form: Any, max_upload_bytes: int) -> tuple[list[Upload], dict[st
     return uploads, {k: v[0] if len(v) == 1 else v for k, v in fields.items()}
 
 
-def _read_upload(upload: Any, max_bytes: int) -> bytes:
-    """The bytes of one uploaded file; 413 above `max_bytes`."""
+def _read_upload(upload: Any, max_bytes: int, hold: Hold | None = None) -> bytes:
+    """The bytes of one uploaded file, reserved in the memory budget; 413 above `max_bytes`."""
     name = upload.filename or "upload"
     if upload.size is not None and upload.size > max_bytes:
         raise Rejected(413, f"{name}: {upload.size:,} bytes > limit {max_bytes:,}")
+    if hold is not None:
+        hold.take(max_bytes if upload.size is None else upload.size, name, "its upload")
     upload.file.seek(0)
     data = upload.file.read(max_bytes + 1)
     if len(data) > max_bytes:
@@ -317,11 +544,25 @@ def _read_upload(upload: Any, max_bytes: int) -> bytes:
     return data
 
 
-async def _read_json(request: Request, max_bytes: int) -> CaptionRequest:
-    """{"url": ..., <decoding options>}: the options are checked before anything is fetched."""
+async def _read_json(request: Request, settings: ServerSettings, hold: Hold) -> CaptionRequest:
+    """{"url": ..., <decoding options>}: read up to `max_json_bytes`, then parsed; the options
+    are checked before anything is fetched."""
+    limit = settings.max_json_bytes
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise Rejected(
+                413,
+                f"JSON body larger than {limit:,} bytes: send the image as a multipart upload",
+            )
     try:
-        body = json.loads(await request.body())
+        body = json.loads(bytes(raw))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise Rejected(422, f"malformed JSON body: {err}") from None
+    except RecursionError:
+        raise Rejected(422, "malformed JSON body: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
         raise Rejected(422, f"malformed JSON body: {err}") from None
     if not isinstance(body, dict):
         raise Rejected(422, "invalid request: the JSON body must be an object")
@@ -330,7 +571,7 @@ async def _read_json(request: Request, max_bytes: int) -> CaptionRequest:
     if not isinstance(url, str):
         raise Rejected(422, "invalid request: url: required, an http(s):// or data: URL string")
     decoding = _decoding(options)
-    data = await _download(url, max_bytes)
+    data = await _download(url, settings, hold)
     return CaptionRequest([Upload("url", fetch.short(url), data)], decoding, as_list=False)
 
 
@@ -341,33 +582,124 @@ def _decoding(values: Mapping[str, Any]) -> DecodingOptions:
         raise Rejected(422, f"invalid request: {err}") from None
 
 
-async def _download(url: str, max_bytes: int) -> bytes:
-    """The bytes behind an http(s) or data: URL: 413 above `max_bytes`, 422 on any failure."""
-    try:
-        if url.startswith("data:"):
+async def _download(url: str, settings: ServerSettings, hold: Hold) -> bytes:
+    """The bytes behind a data: URL (413 above the upload limit, 422 if malformed) or, when
+    the server fetches URLs, an http(s) URL (one answer for every failure: 422)."""
+    max_bytes = settings.max_upload_bytes
+    if url.startswith("data:"):
+        try:
             return fetch.decode_data_url(url, max_bytes)
-        return await fetch.fetch_async(url, max_bytes=max_bytes)
-    except fetch.TooLargeError as err:
-        raise Rejected(413, str(err)) from None
+        except fetch.TooLargeError as err:
+            raise Rejected(413, str(err)) from None
+        except BadImageError as err:
+            raise Rejected(422, str(err)) from None
+    try:
+        fetch.check_url(url)
     except BadImageError as err:
         raise Rejected(422, str(err)) from None
+    if not settings.allow_url_fetch:
+        raise Rejected(
+            403,
+            "this server does not fetch URLs: upload the image, or send it as a data: URL",
+        )
+    hold.take(max_bytes, fetch.short(url), "its download")
+    policy = fetch.UrlPolicy(max_bytes=max_bytes)
+    try:
+        return await fetch.fetch_async(url, policy=policy)
+    except BadImageError as err:  # the reason stays in the log: callers must not map the network
+        log.info("URL fetch failed: %s", err)
+        raise Rejected(422, f"{fetch.short(url)}: {fetch.GENERIC_ERROR}") from None
 
 
-async def _decode_all(uploads: Sequence[Upload], max_pixels: int) -> list[Image.Image]:
+async def _decode_all(
+    uploads: Sequence[Upload], max_pixels: int, hold: Hold | None = None
+) -> list[Image.Image]:
     """Every upload decoded off the event loop, before any of them joins a batch."""
-    return [await run_in_threadpool(decode_image, u.data, u.name, max_pixels) for u in uploads]
+    return await run_in_threadpool(decode_images, uploads, max_pixels, hold)
+
+
+def decode_images(
+    uploads: Sequence[Upload], max_pixels: int, hold: Hold | None = None
+) -> list[Image.Image]:
+    """All headers first (each checked: format, pixel limit, layout), then the memory that
+    decoding them all will hold is reserved at once (`hold`: 503 if the server's budget cannot
+    take it now), then each image is decoded, once, by the plugin that read its header."""
+    with contextlib.ExitStack() as stack:
+        opened = [
+            (u.name, _rejecting(u.name, stack.enter_context, _open_upload(u, max_pixels)))
+            for u in uploads
+        ]
+        if hold is not None:
+            need = sum(decoded_bytes(img.size, img.mode) for _, img in opened)
+            what = "decoding it" if len(opened) == 1 else f"decoding its {len(opened)} images"
+            hold.take(need, opened[0][0] if len(opened) == 1 else "request", what)
+        return [_rejecting(name, decode_rgb, img, name) for name, img in opened]
+
+
+def decode_image(data: bytes, name: str, max_pixels: int, hold: Hold | None = None) -> Image.Image:
+    """Bytes -> RGB image, or Rejected: 415 for non-images and formats outside the whitelist,
+    422 for bombs and broken files, 503 when the memory budget (`hold`) cannot take what
+    decoding will hold. The header is read and checked first."""
+    [image] = decode_images([Upload("file", name, data)], max_pixels, hold)
+    return image
+
+
+def _open_upload(upload: Upload, max_pixels: int) -> Any:
+    return open_checked({"bytes": upload.data, "path": upload.name}, max_pixels=max_pixels)
+
+
+def _rejecting(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, its image errors turned into the answer for `name`."""
+    try:
+        return fn(*args)
+    except NotAnImageError:
+        kinds = ", ".join(ALLOWED_FORMATS)
+        raise Rejected(415, f"{name}: not an image, or not a supported format ({kinds})") from None
+    except BadImageError as err:
+        raise Rejected(422, f"{name}: {err.reason}") from None
+    except Rejected:
+        raise
+    except Exception as err:  # a decoder bug on hostile input is still this file's problem
+        raise Rejected(422, f"{name}: cannot decode image ({type(err).__name__})") from None
+
+
+async def _unless_client_leaves(request: Request, work: Any) -> Any:
+    """Await `work`, cancelling it if the client disconnects first (its queued images are then
+    dropped before `generate`): nobody is waiting for the answer."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise Rejected(499, "client disconnected")
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body has been read: only a disconnect comes)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def _caption_all(
     batcher: Batcher, images: list[Image.Image], body: CaptionRequest
 ) -> list[Caption]:
     """One caption per image, through the batcher; the first failure answers the request."""
-    results = await asyncio.gather(
-        *(batcher.submit(image, body.decoding) for image in images), return_exceptions=True
-    )
+    try:
+        results = await batcher.submit_many(images, body.decoding)
+    except QueueFullError as err:  # nothing was queued
+        raise Rejected(
+            503, f"server busy: {err}; retry later", retry_after=batcher.retry_after_s()
+        ) from None
     for upload, result in zip(body.uploads, results, strict=True):
-        if isinstance(result, QueueFullError):
-            raise Rejected(503, f"server busy: {result}; retry later")
         if isinstance(result, CaptionerError):
             raise Rejected(422, f"{upload.name}: {result}")
         if isinstance(result, BaseException):
@@ -385,51 +717,52 @@ def _answer(
     return {"results": [{"filename": upload.name, **item} for upload, item in named]}
 
 
-def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB image, or Rejected: 415 for non-images and other formats, 422 for bombs and
-    broken files. The header is read first, so a bomb is refused before anything is decoded."""
-    try:  # the format whitelist (415); the pixel limit is load_image's own header check (422)
-        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS):
-            pass
-    except Image.DecompressionBombError:
-        raise Rejected(422, f"{name}: too many pixels (decompression bomb?)") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-        kinds = ", ".join(ALLOWED_FORMATS)
-        raise Rejected(415, f"{name}: not an image, or not a supported format ({kinds})") from None
-    try:
-        return load_image({"bytes": data, "path": name}, max_pixels=max_pixels)
-    except BadImageError as err:
-        raise Rejected(422, f"{name}: {err.reason}") from None
-    except Exception as err:  # a decoder bug on hostile input is still this file's problem
-        raise Rejected(422, f"{name}: cannot decode image ({type(err).__name__})") from None
+class RequestGuard:
+    """ASGI middleware in front of every route: the Host header against `allowed_hosts` (400);
+    bodies over `max_body_bytes`, by Content-Length or while streaming (413, before the form
+    parser spools them to disk); bodies that stall or take too long (408). Its answers are
+    JSON like every other error."""
 
+    class _Stop(Exception):
+        def __init__(self, status: int, detail: str) -> None:
+            self.status, self.detail = status, detail
 
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over `limit` bytes, by Content-Length or while streaming
-    (a chunked upload has no Content-Length), before the form parser spools them to disk."""
-
-    class _TooLarge(Exception):
-        pass
-
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, settings: ServerSettings) -> None:
         self.app = app
-        self.limit = limit
+        self.settings = settings
+        self.limit = settings.max_body_bytes
+        hosts = settings.allowed_hosts
+        self.hosts = None if hosts is None or "*" in hosts else {_host_name(h) for h in hosts}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        if self.hosts is not None:
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.hosts:
+                return await self._reply(send, 400, "Host header not allowed by this server")
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reply(send, int(length))
-        seen, started = 0, False
+            return await self._reply(send, 413, self._too_large(int(length)))
+        seen, started, body_done = 0, False, False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.body_timeout_s
 
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
+        async def guarded_receive() -> dict:
+            nonlocal seen, body_done
+            if body_done:  # after the body only a disconnect comes: no time limit on it
+                return await receive()
+            wait = min(self.settings.idle_timeout_s, deadline - loop.time())
+            try:
+                message = await asyncio.wait_for(receive(), max(wait, 0.001))
+            except asyncio.TimeoutError:
+                raise self._Stop(408, "request body not received in time") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise self._TooLarge
+                    raise self._Stop(413, self._too_large(seen))
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: dict) -> None:
@@ -438,18 +771,27 @@ class BodyLimit:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except self._TooLarge:
+            await self.app(scope, guarded_receive, tracking_send)
+        except self._Stop as stop:
             if not started:
-                await self._reply(send, seen)
+                await self._reply(send, stop.status, stop.detail)
 
-    async def _reply(self, send: Any, size: int) -> None:
-        body = json.dumps(
-            {"detail": f"request body too large ({size:,}+ bytes > limit {self.limit:,})"}
-        ).encode()
+    def _too_large(self, size: int) -> str:
+        return f"request body too large ({size:,}+ bytes > limit {self.limit:,})"
+
+    async def _reply(self, send: Any, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _host_name(host: str) -> str:
+    """`Host` header -> name without the port, lower case (`[::1]:8000` -> `[::1]`)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 # ---- the OpenAPI description of POST /caption (the handler reads the body itself) ----
@@ -473,7 +815,10 @@ def _decoding_schema() -> dict[str, Any]:
 def _caption_openapi() -> dict[str, Any]:
     decoding = _decoding_schema()
     binary = {"type": "string", "format": "binary"}
-    url = {"type": "string", "description": "http(s) URL or data: URL of an image"}
+    url = {
+        "type": "string",
+        "description": "data: URL of an image, or an http(s) URL if the server fetches URLs",
+    }
     return {
         "requestBody": {
             "required": True,
@@ -500,9 +845,11 @@ def _caption_openapi() -> dict[str, Any]:
         },
         "responses": {
             "401": {"description": "missing or wrong API key"},
-            "413": {"description": "upload larger than the byte limit"},
+            "403": {"description": "an http(s) URL, and this server does not fetch URLs"},
+            "408": {"description": "the request body stalled or took too long"},
+            "413": {"description": "upload or JSON body larger than the byte limit"},
             "415": {"description": "not an image, or an unsupported format"},
             "422": {"description": "too many pixels, broken image, or malformed request"},
-            "503": {"description": "too many requests waiting; retry later"},
+            "503": {"description": "busy (queue or image memory full); see Retry-After"},
         },
     }

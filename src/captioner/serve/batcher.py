@@ -7,14 +7,18 @@ group as ONE call in a single background thread. A single thread on purpose: tor
 spreads one forward pass over every core, and two concurrent passes would only fight for them.
 
 Images arrive here already decoded, so a bad upload is rejected before it can join a batch.
+A request's images are queued all or none (`submit_many`): when they do not all fit, nothing is
+queued and the caller answers 503 at once. A job whose caller has gone away (its future was
+cancelled) is dropped before it reaches `generate`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +52,7 @@ class BatchStats:
     images: int = 0
     largest_batch: int = 0
     busy_s: float = 0.0
+    abandoned: int = 0  # jobs dropped before generate because their caller went away
 
 
 class Batcher:
@@ -100,17 +105,51 @@ class Batcher:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._task = self._queue = self._executor = None
 
+    @property
+    def queued(self) -> int:
+        return 0 if self._queue is None else self._queue.qsize()
+
+    def has_room(self, n: int) -> bool:
+        """Whether `n` more images fit in the queue now (checked again when they are queued)."""
+        return self.queued + n <= self.max_queue
+
+    def retry_after_s(self) -> int:
+        """A client's wait before retrying: the queue's work at the measured rate, 1-60 s."""
+        per_image = self.stats.busy_s / self.stats.images if self.stats.images else 0.1
+        return int(min(60, max(1, math.ceil(self.queued * per_image))))
+
     async def submit(self, image: Any, decoding: DecodingOptions | None = None) -> Caption:
         """Queue one decoded image and wait for its caption (default decoding when None)."""
+        [result] = await self.submit_many([image], decoding)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def submit_many(
+        self, images: Sequence[Any], decoding: DecodingOptions | None = None
+    ) -> list[Caption | BaseException]:
+        """Queue every image or none (QueueFullError), then wait for all of them: one caption,
+        or the exception that captioning it raised, per image. Cancelling the caller cancels
+        its jobs, which the worker then drops."""
         if self._queue is None:
             raise RuntimeError("Batcher.start() was not called (run the app with its lifespan)")
-        future = asyncio.get_running_loop().create_future()
-        job = _Job(image, decoding or DecodingOptions(), future)
+        if not self.has_room(len(images)):
+            waiting = self._queue.qsize()
+            raise QueueFullError(
+                f"{waiting} images are waiting and {len(images)} more would exceed the queue's "
+                f"{self.max_queue}"
+            )
+        loop = asyncio.get_running_loop()
+        decoding = decoding or DecodingOptions()
+        futures = [loop.create_future() for _ in images]
+        for image, future in zip(images, futures, strict=True):
+            self._queue.put_nowait(_Job(image, decoding, future))  # room was checked above
         try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise QueueFullError(f"{self.max_queue} requests are already waiting") from None
-        return await future
+            return await asyncio.gather(*futures, return_exceptions=True)
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
 
     async def _collect(self) -> list[_Job]:
         """Wait for one job, then take more until the batch is full or the wait is over."""
@@ -138,6 +177,8 @@ class Batcher:
             for job in batch:
                 if not job.future.done():  # the client may have gone away while it waited
                     groups.setdefault(job.decoding.key(), []).append(job)
+                else:
+                    self.stats.abandoned += 1
             for jobs in groups.values():
                 try:
                     await self._run(jobs)
@@ -149,6 +190,11 @@ class Batcher:
 
     async def _run(self, jobs: list[_Job]) -> None:
         """Caption one group in the worker thread and resolve its futures; never raises."""
+        live = [j for j in jobs if not j.future.done()]  # callers gone while a group ran
+        self.stats.abandoned += len(jobs) - len(live)
+        if not live:
+            return
+        jobs = live
         loop = asyncio.get_running_loop()
         images, decoding = [j.image for j in jobs], jobs[0].decoding
         start = time.perf_counter()

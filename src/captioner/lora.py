@@ -1,0 +1,109 @@
+"""LoRA adapters on a captioner's language model, through peft.
+
+`add_lora` wraps a loaded captioner in a peft model: low-rank adapters on the attention
+projections of the text decoder (and, with `vision=True`, of the vision tower); the modules that
+start random in a composition (VED's cross-attention and encoder projection, LLaVA's projector)
+are trained whole (`modules_to_save`). Everything else stays frozen. Trainer then saves only the
+adapter (`adapter_config.json` + `adapter_model.safetensors`) beside the processor.
+
+An adapter folder is a model folder everywhere: `models.load_model` loads its base (the Hub id or
+folder peft recorded, else the run's own `preset/` folder) and folds the adapter in, so
+`caption`, `eval` and `serve` take it directly; `merge` writes a plain model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from captioner.errors import CaptionerError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+# Attention projections by their usual names: Llama/Qwen/Gemma/DINOv2 (q_proj, v_proj),
+# BERT/GIT (query, value), GPT-2 (c_attn).
+ATTENTION_NAMES = ("q_proj", "v_proj", "query", "value", "c_attn")
+# Parts of a composition that start random: trained whole, saved with the adapter.
+RANDOM_PARTS = ("crossattention", "enc_to_dec_proj", "multi_modal_projector")
+VISION_PREFIXES = ("encoder.", "vision_tower.", "model.vision_tower.", "git.image_encoder.")
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def add_lora(
+    model: torch.nn.Module,
+    *,
+    r: int,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: list[str] | None = None,
+    vision: bool = False,
+) -> PeftModel:
+    """`model` with LoRA adapters; only the adapters and the random parts train."""
+    targets = target_modules or _default_targets(model, vision)
+    if not targets:
+        raise CaptionerError(
+            "--lora_r: found no attention projections to adapt; name them with "
+            "--lora_target_modules"
+        )
+    save = sorted({n.split(".")[-1] for n, _ in model.named_modules() if _is_random_part(n)})
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        modules_to_save=save or None,
+    )
+    peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    log.info(
+        "LoRA r=%d on %d projections (+ %s whole): %.2fM trainable parameters",
+        r,
+        len(targets),
+        save,
+        trainable / 1e6,
+    )
+    return peft_model
+
+
+def attach(base: torch.nn.Module, adapter_dir: str | os.PathLike, *, merge: bool = True):
+    """`base` with the adapter in `adapter_dir` folded in (merged: plain modules, full speed)."""
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model.merge_and_unload() if merge else model
+
+
+def base_model_path(adapter_dir: str | os.PathLike) -> str:
+    """Where the adapter's base model is: the run's `preset/` folder for a built model (peft
+    records an absolute path, which breaks when the folder moves), else what peft recorded."""
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "preset" / "config.json").is_file():
+        return str(adapter_dir / "preset")
+    recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not recorded:
+        raise CaptionerError(f"{adapter_dir}: the adapter does not say which model it adapts")
+    return recorded
+
+
+def _default_targets(model: torch.nn.Module, vision: bool) -> list[str]:
+    found = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or _is_random_part(name):
+            continue
+        in_vision = name.startswith(VISION_PREFIXES)
+        if in_vision and not vision:
+            continue
+        if name.split(".")[-1] in ATTENTION_NAMES:
+            found.add(name)  # full names: the tower and the LM may share leaf names (q_proj)
+    return sorted(found)
+
+
+def _is_random_part(name: str) -> bool:
+    return any(part in name.split(".") for part in RANDOM_PARTS)

@@ -1,0 +1,74 @@
+"""LoRA through peft: only adapters (and the random parts of a composition) train, the adapter
+folder is a model folder everywhere, and merging changes no caption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.engine import Captioner
+from captioner.errors import CaptionerError
+from captioner.lora import add_lora, is_adapter_dir
+from captioner.models import load_model, merge_adapter
+from captioner.training import parse_train_args, train
+
+FAST = [
+    "--per_device_train_batch_size", "8", "--max_new_tokens", "8", "--logging_steps", "1",
+    "--test_size", "0.125", "--dataloader_num_workers", "0", "--eval_strategy", "no",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    from captioner.scenes import generate_scenes
+
+    return generate_scenes(tmp_path_factory.mktemp("scenes") / "data", n=24, seed=3)
+
+
+def test_lora_targets_the_text_attention_and_freezes_the_rest(chatty_model_dir):
+    model, _ = load_model(chatty_model_dir)
+    peft_model = add_lora(model, r=4)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("image_encoder" in n for n in trainable)  # the vision tower is left alone
+    assert any(".query." in n for n in trainable) and any(".value." in n for n in trainable)
+    with pytest.raises(CaptionerError, match="lora_target_modules"):
+        add_lora(torch.nn.Sequential(torch.nn.ReLU()), r=4)
+
+
+@pytest.mark.slow
+def test_lora_training_changes_only_adapters_and_merging_keeps_captions(
+    chatty_model_dir, scenes, tmp_path
+):
+    out = tmp_path / "run"
+    args = parse_train_args(["--model", str(chatty_model_dir), "--data", str(scenes),
+                             "--output_dir", str(out), "--max_steps", "3", "--lora_r", "4",
+                             "--learning_rate", "1e-2", *FAST])  # fmt: skip
+    model_args, data_args, decoding, training_args = args
+    train(model_args, data_args, training_args, decoding)
+    assert is_adapter_dir(out) and not (out / "model.safetensors").exists()
+
+    base, _ = load_model(chatty_model_dir)
+    adapted, _ = load_model(out, merge=False)
+    base_state = base.state_dict()
+    changed = []
+    for name, value in adapted.named_parameters():
+        if "lora_" in name:
+            changed.append(name)
+            continue
+        original = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(value, base_state[original]), f"{name} changed"
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert changed and any(p.abs().sum() > 0 for p in lora_b)  # B starts at 0: it trained
+
+    images = sorted(scenes.glob("*.png"))[:4]
+    unmerged = Captioner.from_pretrained(out).caption(images, max_new_tokens=8)
+    merged_dir = merge_adapter(out, tmp_path / "merged")
+    assert not is_adapter_dir(merged_dir) and (merged_dir / "model.safetensors").is_file()
+    merged = Captioner.from_pretrained(merged_dir).caption(images, max_new_tokens=8)
+    kept = Captioner(adapted, load_model(out)[1]).caption(images, max_new_tokens=8)
+    assert merged == unmerged == kept
+    with pytest.raises(CaptionerError, match="not a LoRA adapter folder"):
+        merge_adapter(chatty_model_dir, tmp_path / "nope")
