@@ -240,8 +240,9 @@ def train(ctx: typer.Context) -> None:
 
     model_args, data_args, decoding, training_args = parse_train_args(ctx.args)
     _logging()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(len(os.sched_getaffinity(0)))  # all the cores this process has
+    if not torch.cuda.is_available():  # the cores, shared by the processes of this machine
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
     path = run_training(model_args, data_args, training_args, decoding)
     console.print(f"[green]done:[/] model, metrics and curves.png in {path}")
 

@@ -6,7 +6,10 @@ caption tokens only. Image positions need nothing: GIT puts the image tokens in 
 inside the model, slices them off the logits and shifts by one itself (`GitForCausalLM.forward`);
 BLIP's text decoder shifts too. So for both, labels are the input ids with pads masked.
 VisionEncoderDecoder builds its decoder inputs by shifting the labels right, so it gets labels
-alone (`labels_only=True`).
+alone (`labels_only=True`). A LLaVA model (found from its `LlavaProcessor`) reads everything as
+one sequence: its saved caption prompt with the image tokens (compose.py), then " " + caption +
+eos, padded on the right; labels are -100 on the image tokens, the prompt and the pads, so the
+loss covers the caption and its eos only (the model shifts them itself).
 
 Images are decoded here, in DataLoader workers, i.e. once per epoch at most; with `cache_dir` the
 preprocessed pixel values are kept on disk, keyed by the image file's hash and the image
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from captioner.compose import LLAVA, is_llava_processor, prompt_ids
 from captioner.errors import BadImageError, CaptionerError
 from captioner.images import load_image
 
@@ -71,7 +75,9 @@ class CaptionCollator:
     max_length: int | None = None
     image_column: str = "image"
     caption_column: str = "captions"
+    family: str | None = None  # "llava": prompt + caption in one sequence; unset: from processor
     _config_key: str | None = field(default=None, init=False, repr=False)
+    _prompt_ids: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         tokenizer = self.processor.tokenizer
@@ -80,6 +86,10 @@ class CaptionCollator:
                 f"the tokenizer ({type(tokenizer).__name__}) has no pad token; "
                 "set one (e.g. the eos token) before training"
             )
+        if self.family is None and is_llava_processor(self.processor):
+            self.family = LLAVA
+        if self.family == LLAVA and self.features is not None:
+            raise CaptionerError("cached encoder features apply to VisionEncoderDecoder only")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         images, captions = [], []
@@ -97,6 +107,8 @@ class CaptionCollator:
         if not kept:
             raise CaptionerError("every image in a batch failed to load (see the warnings above)")
         captions = [captions[i] for i in kept]
+        if self.family == LLAVA:
+            return {"pixel_values": visual, **self._llava_text(captions, visual.shape[-2:])}
 
         text = self.processor.tokenizer(
             captions,
@@ -115,6 +127,31 @@ class CaptionCollator:
             "attention_mask": text["attention_mask"],
             "labels": labels,
         }
+
+    def _llava_text(self, captions: list[str], size) -> dict[str, torch.Tensor]:
+        """prompt + " " + caption + eos per row, right-padded; labels on caption and eos only."""
+        tokenizer = self.processor.tokenizer
+        key = tuple(size)
+        if key not in self._prompt_ids:
+            self._prompt_ids[key] = prompt_ids(self.processor, None, *key)
+        prompt = self._prompt_ids[key]
+        # The leading space: a byte-level BPE LM spells a word after "Caption:" with its space.
+        words = tokenizer(
+            [" " + c.strip() for c in captions],
+            add_special_tokens=False,
+            truncation=self.max_length is not None,
+            max_length=self.max_length,
+        ).input_ids
+        rows = [[*prompt, *ids, tokenizer.eos_token_id] for ids in words]
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), -100)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+            labels[i, len(prompt) : len(row)] = input_ids[i, len(prompt) : len(row)]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def _without_start_token(self, labels: torch.Tensor) -> torch.Tensor:
         """VisionEncoderDecoder feeds `decoder_start_token_id` itself and shifts the labels right

@@ -1,9 +1,9 @@
-"""Captioners composed from a pretrained vision tower and a text decoder, in transformers' own
-`VisionEncoderDecoderModel`, so every result loads with plain `from_pretrained`.
+"""Captioners composed from a pretrained vision tower and a text model, in transformers' own
+composite classes, so every result loads with plain `from_pretrained`.
 
 A composition is written as a spec: `vision=NAME,text=NAME[,key=value...]` on the command line
 (`captioner train --model vision=dinov2-small,text=scratch,vision_layers=6`), or a preset JSON
-file in `presets/` with `"family": "vision-encoder-decoder"` (`dinov2-tiny`). The parts:
+file in `presets/` (`dinov2-tiny`, `dinov2-smollm2`). The parts:
 
 - `vision`: a part name (`captioner parts list`: converted once from a registry package), a
   local folder or a Hub id of any AutoModel vision tower (DINOv2, ViT, SigLIP/CLIP vision...).
@@ -11,21 +11,51 @@ file in `presets/` with `"family": "vision-encoder-decoder"` (`dinov2-tiny`). Th
   the last layers (a linear probe reads colour at 1.00 from layers 2-4, 0.94 at layer 12), and a
   shorter tower is faster. `image_size=N` resizes inputs to N x N pixels.
 - `text`: `scratch` (a small BERT decoder with cross-attention and a WordPiece tokenizer trained
-  on the training captions: `decoder_*` keys size it), or a folder / Hub id of a decoder that
-  takes cross-attention (BERT/MiniLM, GPT-2, ...), loaded with `add_cross_attention=True`.
+  on the training captions: `decoder_*` keys size it), a folder / Hub id of a decoder that takes
+  cross-attention (BERT/MiniLM, GPT-2, ...), loaded with `add_cross_attention=True`, or a
+  decoder-only LM without cross-attention (Llama/SmolLM2, Qwen2, Gemma, ...).
 
-The vision tower is frozen by default (`--freeze vision`): its outputs are computed once per image
-and cached (features.py), which is what makes fine-tuning on a CPU fast.
+Two families (`family=`; unset, it follows from `text`):
+
+- `vision-encoder-decoder`: `VisionEncoderDecoderModel`, the decoder cross-attends to the tower
+  (`text=scratch` and decoders with cross-attention).
+- `llava`: `LlavaForConditionalGeneration`, for decoder-only LMs, which cannot cross-attend: the
+  tower's hidden states (`vision_feature_layer`, default the last kept layer; `full` keeps
+  DINOv2's CLS token) go through a 2-layer MLP projector (the only part that starts random) into
+  the LM's input sequence, at the positions of an added `<image>` token. Pretrained tower and LM
+  weights are loaded whole (every key must match).
+
+The LLaVA caption prompt is saved with the model as the processor's chat template
+(`chat_template.jinja`): a user turn renders as its images (`<image>`, which the processor
+expands to one token per image feature: 65 for DINOv2 at 112 px with 14 px patches, CLS kept)
+then its text, and a user turn without text gets the saved caption prompt (`prompt=`, default
+"Caption:"). Training teaches `<prompt ids> + " " + caption + eos`, with loss on the caption and
+eos only. Plain transformers reproduces a caption with:
+
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True
+    )  # "<image>Caption:"
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=30)[:, inputs.input_ids.shape[1]:]
+    caption = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+The vision tower is frozen by default (`--freeze vision`); for VisionEncoderDecoder its outputs
+are computed once per image and cached (features.py), which is what makes fine-tuning on a CPU
+fast.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -34,9 +64,13 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertLMHeadModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     VisionEncoderDecoderModel,
     VisionTextDualEncoderProcessor,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging as hf_logging
 
 from captioner.errors import CaptionerError
@@ -46,13 +80,18 @@ from captioner.tokenizer import train_wordpiece
 log = logging.getLogger(__name__)
 
 SCRATCH = "scratch"
+VED = "vision-encoder-decoder"
+LLAVA = "llava"
+FAMILIES = (VED, LLAVA)
+IMAGE_TOKEN = "<image>"
+DEFAULT_PROMPT = "Caption:"
 # Backbone bookkeeping that goes stale when layers are dropped (VED's config check then fails).
 _BACKBONE_KEYS = ("stage_names", "out_features", "out_indices", "architectures")
 
 
 @dataclass
 class CompositeSpec:
-    """How to build a VisionEncoderDecoder captioner (see the module docstring)."""
+    """How to build a composed captioner (see the module docstring)."""
 
     vision: str
     text: str = SCRATCH
@@ -63,7 +102,10 @@ class CompositeSpec:
     decoder_heads: int = 4
     max_caption_tokens: int = 32
     tokenizer_vocab_size: int = 1000
-    family: str = "vision-encoder-decoder"
+    family: str | None = None  # vision-encoder-decoder | llava; unset: follows from `text`
+    prompt: str = DEFAULT_PROMPT  # llava: the text after the image tokens
+    vision_feature_layer: int = -1  # llava: which hidden state of the (cut) tower feeds the LM
+    vision_feature_select_strategy: str = "full"  # llava: full keeps CLS, default drops it
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys: reported, not used
 
     @classmethod
@@ -105,10 +147,50 @@ def is_spec(name: str) -> bool:
 def build_composite(
     spec: CompositeSpec, captions: list[str], out_dir: str | Path, *, seed: int = 0
 ) -> Path:
-    """Build the composite `spec.family` names and save it to `out_dir`."""
-    if spec.family == "vision-encoder-decoder":
-        return build_vision_encoder_decoder(spec, captions, out_dir, seed=seed)
-    raise CaptionerError(f"unknown composite family {spec.family!r} (vision-encoder-decoder)")
+    """Build the composite `spec.family` names (unset: the one `spec.text` fits) and save it to
+    `out_dir`."""
+    family = composite_family(spec)
+    if family == LLAVA:
+        return build_llava(spec, out_dir, seed=seed)
+    return build_vision_encoder_decoder(spec, captions, out_dir, seed=seed)
+
+
+def composite_family(spec: CompositeSpec) -> str:
+    """`spec.family`, checked against the text model; unset, llava for a decoder-only LM (it has
+    no cross-attention to put into a VisionEncoderDecoder) and vision-encoder-decoder otherwise."""
+    if spec.family is not None and spec.family not in FAMILIES:
+        raise CaptionerError(
+            f"unknown composite family {spec.family!r} (choose from {', '.join(FAMILIES)})"
+        )
+    if spec.text == SCRATCH:
+        if spec.family == LLAVA:
+            raise CaptionerError(
+                "family=llava needs text=a decoder-only LM (a part, folder or Hub id), not scratch"
+            )
+        return VED
+    config = _quietly(AutoConfig.from_pretrained, _resolve(spec.text))
+    decoder_only = is_decoder_only(config)
+    if spec.family == VED and decoder_only:
+        raise CaptionerError(
+            f"text={spec.text} ({config.model_type}) has no cross-attention for a "
+            "VisionEncoderDecoder: use family=llava"
+        )
+    if spec.family == LLAVA and not decoder_only:
+        raise CaptionerError(
+            f"text={spec.text} ({config.model_type}) is not a decoder-only LM: "
+            "use family=vision-encoder-decoder"
+        )
+    return spec.family or (LLAVA if decoder_only else VED)
+
+
+def is_decoder_only(config) -> bool:
+    """A causal LM that cannot take cross-attention (Llama, Qwen2, Gemma...): its class's forward
+    has no `encoder_hidden_states` (BERT's and GPT-2's have)."""
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING
+    if getattr(config, "is_encoder_decoder", False) or type(config) not in causal:
+        return False
+    forward = causal[type(config)].forward
+    return "encoder_hidden_states" not in inspect.signature(forward).parameters
 
 
 def build_vision_encoder_decoder(
@@ -144,9 +226,138 @@ def build_vision_encoder_decoder(
     return out
 
 
+def build_llava(spec: CompositeSpec, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build a LLaVA captioner (pretrained tower + pretrained decoder-only LM + a random MLP
+    projector) and save model + processor to `out_dir` (loads with plain
+    `LlavaForConditionalGeneration` / `AutoProcessor.from_pretrained`)."""
+    if spec.text == SCRATCH:
+        raise CaptionerError("family=llava needs text=a decoder-only LM, not scratch")
+    if spec.vision_feature_select_strategy not in ("full", "default"):
+        raise CaptionerError("vision_feature_select_strategy must be full or default")
+    vision_dir, text_dir = _resolve(spec.vision), _resolve(spec.text)
+    encoder = _vision_tower(vision_dir, spec.vision_layers)
+    image_processor = _image_processor(vision_dir, spec.image_size)
+    tokenizer = _quietly(AutoTokenizer.from_pretrained, text_dir)
+    lm = _quietly(AutoModelForCausalLM.from_pretrained, text_dir, dtype=torch.float32)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise CaptionerError(f"text={spec.text}: its tokenizer has no eos token to end captions")
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    # BERT-style tokenizers also return token_type_ids, which LLaVA's forward rejects.
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    patch = encoder.config.patch_size
+    height, width = _processed_size(image_processor, encoder.config)
+    patches = (height // patch) * (width // patch)
+    # Tokens besides the patches (CLS, registers), counted rather than assumed per tower type.
+    with torch.no_grad():
+        sequence = encoder(torch.zeros(1, 3, height, width)).last_hidden_state.shape[1]
+    additional = sequence - patches
+    image_tokens = sequence - (1 if spec.vision_feature_select_strategy == "default" else 0)
+    config = LlavaConfig(
+        vision_config=encoder.config,
+        text_config=lm.config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=image_tokens,
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+        _load_whole(model.model.vision_tower, encoder, spec.vision)
+        _load_whole(model.model.language_model, lm.base_model, spec.text)
+        if model.lm_head.weight is not model.get_input_embeddings().weight:  # untied LM head
+            _load_whole(model.lm_head, lm.get_output_embeddings(), spec.text)
+        with _hf_errors_only():  # not the notice that new rows start at the embeddings' mean
+            model.resize_token_embeddings(len(tokenizer))
+    del lm
+    generation = model.generation_config
+    generation.bos_token_id = tokenizer.bos_token_id
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.do_sample = False
+    generation.max_length = None
+    generation.max_new_tokens = spec.max_caption_tokens
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+        num_additional_image_tokens=additional,
+        chat_template=caption_template(spec.prompt),
+        image_token=IMAGE_TOKEN,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    log.info(
+        "built LLaVA %s + %s: %d image tokens, %.1fM vision, %.1fM text, %.2fM projector "
+        "parameters -> %s",
+        spec.vision,
+        spec.text,
+        image_tokens,
+        _millions(model.model.vision_tower),
+        _millions(model.model.language_model),
+        _millions(model.model.multi_modal_projector),
+        out,
+    )
+    return out
+
+
+def caption_template(prompt: str) -> str:
+    """The processor's chat template: a turn renders as its images, then its text; a user turn
+    without text asks for a caption with `prompt`; an assistant turn (a caption) follows after a
+    space, as in training."""
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' %} {% endif -%}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- else -%}"
+        "{%- set ns = namespace(text=false) -%}"
+        "{%- for item in message['content'] -%}"
+        f"{{%- if item['type'] == 'image' -%}}{IMAGE_TOKEN}"
+        "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- set ns.text = true -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if message['role'] == 'user' and not ns.text -%}"
+        f"{{{{- {json.dumps(prompt)} -}}}}"
+        "{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def is_llava_processor(processor: Any) -> bool:
+    return isinstance(processor, LlavaProcessor)
+
+
+def caption_prompt(processor: LlavaProcessor, text: str | None = None) -> str:
+    """The prompt text of a LLaVA captioner, `<image>` placeholder included: its saved caption
+    prompt, or `text` in its place. A processor without a chat template gets `<image>text`."""
+    content: list[dict[str, str]] = [{"type": "image"}]
+    if text:
+        content.append({"type": "text", "text": text})
+    if not getattr(processor, "chat_template", None):
+        return processor.image_token + (text or "")
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def prompt_ids(processor: LlavaProcessor, text: str | None, height: int, width: int) -> list[int]:
+    """Token ids of the caption prompt for images preprocessed to `height` x `width`, with the
+    image token repeated as the model needs. The processor itself expands it (on a blank image
+    of that size), so the ids are those a plain-transformers caller gets."""
+    blank = Image.new("RGB", (width, height))
+    inputs = processor(images=[blank], text=[caption_prompt(processor, text)], return_tensors="pt")
+    return inputs["input_ids"][0].tolist()
+
+
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
     """The image encoder of a loaded captioner, for freezing and feature caching."""
-    for path in ("encoder", "vision_tower", "model.vision_tower", "git.image_encoder"):
+    for path in ("encoder", "model.vision_tower", "vision_tower", "git.image_encoder"):
         module = model
         for attr in path.split("."):
             module = getattr(module, attr, None)
@@ -164,21 +375,53 @@ def freeze(module: torch.nn.Module) -> int:
     return count
 
 
+def _millions(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def _load_whole(target: torch.nn.Module, source: torch.nn.Module, name: str) -> None:
+    """Copy every weight of `source` into `target`; any missing or unexpected key is an error
+    (a part that only half loads would train from a silently random start)."""
+    try:
+        target.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise CaptionerError(f"{name}: its weights do not fit the composite: {err}") from None
+
+
+def _processed_size(image_processor, vision_config) -> tuple[int, int]:
+    """(height, width) of the images the processor produces."""
+    crop = getattr(image_processor, "crop_size", None)
+    if getattr(image_processor, "do_center_crop", False) and crop:
+        return crop["height"], crop["width"]
+    size = getattr(image_processor, "size", None) or {}
+    if "height" in size:
+        return size["height"], size["width"]
+    side = size.get("shortest_edge", vision_config.image_size)
+    return side, side
+
+
 def _resolve(name: str) -> str:
     """A part name becomes its converted folder; a folder or Hub id stays as it is."""
     return str(get_part(name)) if is_part(name) else name
 
 
-def _quietly(load, *args, **kwargs):
-    """Load without transformers' report of the weights it drops (the layers cut off)."""
+@contextmanager
+def _hf_errors_only():
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return load(*args, **kwargs)
-    except (OSError, ValueError) as err:
-        raise CaptionerError(f"cannot load {args[0]}: {err}") from None
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _quietly(load, *args, **kwargs):
+    """Load without transformers' report of the weights it drops (the layers cut off)."""
+    try:
+        with _hf_errors_only():
+            return load(*args, **kwargs)
+    except (OSError, ValueError) as err:
+        raise CaptionerError(f"cannot load {args[0]}: {err}") from None
 
 
 def _vision_tower(name: str, layers: int | None) -> torch.nn.Module:

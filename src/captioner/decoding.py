@@ -54,7 +54,11 @@ class DecodingOptions:
     temperature: float | None = _option(None, "Sampling temperature (with do_sample).")
     num_return_sequences: int = _option(1, "Captions per image (a list when > 1).")
     repetition_penalty: float | None = _option(None, "> 1 discourages repeated words.")
-    prompt: str | None = _option(None, 'Caption prefix, e.g. "a drawing of" (kept in the output).')
+    prompt: str | None = _option(
+        None,
+        'Caption prefix, e.g. "a drawing of" (kept in the output); for LLaVA models the '
+        'instruction after the image (replaces the saved "Caption:").',
+    )
     bad_words: list[str] = _option([], "Words never to emit (repeat, or comma-separated).")
 
     def __post_init__(self) -> None:

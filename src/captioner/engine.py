@@ -12,8 +12,12 @@ Why batching does not change captions: every item in a batch has the same image 
 processor resizes) and the same prompt, so nothing is padded; greedy captions are the same as
 one-at-a-time captions (tested).
 
-Model families differ only in how the prompt is turned into ids (`_prompt_kwargs`). Decoding
-options are a `DecodingOptions` (decoding.py); URLs are fetched by fetch.py.
+Model families differ only in how the prompt is turned into ids (`_prompt_kwargs`). For GIT,
+BLIP and VisionEncoderDecoder a `prompt` is the start of the caption and stays in it. A LLaVA
+model is a decoder-only LM reading image tokens: its input is the caption prompt saved with it
+(compose.py: `<image>` x N, then "Caption:"); a `prompt` replaces that text, and the caption is
+what the model writes after it. Decoding options are a `DecodingOptions` (decoding.py); URLs are
+fetched by fetch.py.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import psutil
 import torch
 from PIL import Image
 
+from captioner.compose import LLAVA, prompt_ids
 from captioner.decoding import DecodingOptions
 from captioner.errors import BadImageError
 from captioner.fetch import fetch, is_url
@@ -82,7 +87,7 @@ def _collate(items):
 
 
 class Captioner:
-    """Batched captioning with any supported model (GIT, BLIP, VisionEncoderDecoder)."""
+    """Batched captioning with any supported model (GIT, BLIP, VisionEncoderDecoder, LLaVA)."""
 
     def __init__(self, model, processor, device: str | torch.device | None = None) -> None:
         if device is None:  # a model already on an accelerator (training) stays where it is
@@ -95,6 +100,7 @@ class Captioner:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_processor = getattr(processor, "image_processor", processor)
         self.family = model.config.model_type
+        self._prompt_ids: dict[tuple, list[int]] = {}  # LLaVA: per (prompt, image size)
 
     @classmethod
     def from_pretrained(
@@ -116,7 +122,8 @@ class Captioner:
 
         `decoding` and keyword arguments are those of `caption_iter`. Returns one string per
         image, or a list of `num_return_sequences` strings per image when that is > 1. With a
-        `prompt`, captions start with the prompt (it is part of the caption).
+        `prompt`, captions start with the prompt (it is part of the caption), except for LLaVA
+        models, where it replaces the saved caption prompt and is not part of the caption.
         """
         if isinstance(images, (str, bytes, bytearray, dict, os.PathLike, Image.Image)):
             images = [images]
@@ -199,7 +206,9 @@ class Captioner:
         hidden = getattr(text, "hidden_size", 768)
         vision = getattr(cfg, "vision_config", None) or getattr(cfg, "encoder", None)
         n_img = 256
-        if vision is not None and getattr(vision, "patch_size", None):
+        if getattr(cfg, "image_seq_length", None):  # LLaVA: image tokens in the LM's sequence
+            n_img = cfg.image_seq_length
+        elif vision is not None and getattr(vision, "patch_size", None):
             n_img = (vision.image_size // vision.patch_size) ** 2 + 1
         elt = torch.finfo(self.model.dtype).bits // 8
         # keys+values per layer, x2 slack for activations / the vision encoder / beam reorders.
@@ -239,8 +248,15 @@ class Captioner:
             kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else 0
         return kwargs
 
-    def _prompt_kwargs(self, prompt: str | None, n: int) -> dict:
-        """Prompt ids for a batch of `n` (all items share the prompt, so no padding)."""
+    def _prompt_kwargs(self, prompt: str | None, pixels: torch.Tensor) -> dict:
+        """Prompt ids for a batch of `pixels` (all items share the prompt, so no padding)."""
+        n = len(pixels)
+        if self.family == LLAVA:
+            key = (prompt, *pixels.shape[-2:])
+            if key not in self._prompt_ids:
+                self._prompt_ids[key] = prompt_ids(self.processor, prompt, *pixels.shape[-2:])
+            ids = torch.tensor([self._prompt_ids[key]] * n, device=self.device)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if not prompt:
             return {}
         tok = self.tokenizer
@@ -258,8 +274,9 @@ class Captioner:
         return {key: torch.tensor([ids] * n, device=self.device)}
 
     def _generate(self, pixels: torch.Tensor, prompt: str | None, gen_kwargs: dict) -> list[str]:
-        ids = self.model.generate(
-            pixel_values=pixels, **self._prompt_kwargs(prompt, len(pixels)), **gen_kwargs
-        )
+        inputs = self._prompt_kwargs(prompt, pixels)
+        ids = self.model.generate(pixel_values=pixels, **inputs, **gen_kwargs)
+        if self.family == LLAVA:  # a decoder-only LM returns its prompt too: keep the new tokens
+            ids = ids[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]

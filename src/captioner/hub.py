@@ -27,6 +27,7 @@ from captioner.errors import CaptionerError
 PUSH_ALLOW = (
     "config.json",
     "generation_config.json",
+    "adapter_config.json",  # a LoRA run: the adapter (adapter_model.safetensors) and its base
     "captioner_config.json",
     "*.safetensors",
     "*.safetensors.index.json",

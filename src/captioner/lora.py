@@ -54,7 +54,10 @@ def add_lora(
             "--lora_r: found no attention projections to adapt; name them with "
             "--lora_target_modules"
         )
-    save = sorted({n.split(".")[-1] for n, _ in model.named_modules() if _is_random_part(n)})
+    # the random parts themselves, not their children (peft reloads only whole named modules)
+    save = sorted(
+        {n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in RANDOM_PARTS}
+    )
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,

@@ -30,6 +30,7 @@ from typing import Any
 import datasets
 import torch
 import yaml
+from accelerate.utils import gather_object
 from transformers import (
     EarlyStoppingCallback,
     HfArgumentParser,
@@ -47,6 +48,7 @@ from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
 from captioner.features import FeatureCache
+from captioner.hub import push_to_hub
 from captioner.lora import add_lora
 from captioner.models import (
     CONFIG_NAME,
@@ -287,15 +289,21 @@ def train(
         raise CaptionerError("no eval split (test_size=0): pass --eval_strategy no")
     # 3. A preset or composition: a tokenizer trained on the training captions; what is not a
     #    pretrained part starts random.
+    #    With several processes, one per machine builds and the others wait, then load it.
     if model is None:
         preset_dir = out / "preset"
-        if not (training_args.resume and (preset_dir / "config.json").exists()):
-            captions = [c for caps in train_ds["captions"] for c in caps]
-            build_preset(model_args.model, captions, preset_dir, seed=seed)
+        with training_args.main_process_first(desc="building the model"):
+            fresh = not (training_args.resume and (preset_dir / "config.json").exists())
+            if fresh and training_args.local_process_index == 0:
+                captions = [c for caps in train_ds["captions"] for c in caps]
+                build_preset(model_args.model, captions, preset_dir, seed=seed)
         model, processor = load_model(preset_dir)
-    # 4. A frozen vision tower runs once per image: its outputs are cached. LoRA freezes the
-    #    rest: only adapters (and the parts of a composition that start random) train.
-    features = _frozen_features(model_args, model, processor, [train_ds, eval_ds])
+    # 4. A frozen vision tower runs once per image: its outputs are cached (by one process per
+    #    machine). LoRA freezes the rest: only adapters (and the parts of a composition that
+    #    start random) train.
+    with training_args.main_process_first(desc="encoder features"):
+        fill = training_args.local_process_index == 0
+        features = _frozen_features(model_args, model, processor, [train_ds, eval_ds], fill)
     if model_args.lora_r:
         model = add_lora(
             model,
@@ -321,8 +329,9 @@ def train(
     )
     # 6. What ran, beside the model (evaluation reads the split from it).
     out.mkdir(parents=True, exist_ok=True)
-    resolved = _resolved_options(model_args, data_args, decoding, training_args)
-    (out / CONFIG_NAME).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    if training_args.should_save:
+        resolved = _resolved_options(model_args, data_args, decoding, training_args)
+        (out / CONFIG_NAME).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
     # 7. Train, from the newest complete checkpoint with --resume.
     checkpoint = _resume_checkpoint(out) if training_args.resume else None
     log.info("training %s on %d examples (%d eval) -> %s", model_args.model, len(train_ds),
@@ -339,10 +348,15 @@ def train(
     return out
 
 
-def _frozen_features(model_args: ModelArguments, model, processor, splits) -> FeatureCache | None:
+def _frozen_features(
+    model_args: ModelArguments, model, processor, splits, fill: bool = True
+) -> FeatureCache | None:
     """Freeze the vision tower when asked (by default for composed models) and, for an
     encoder-decoder, fill the feature cache with every training and eval image."""
-    composed = needs_build(model_args.model) and model.config.model_type == "vision-encoder-decoder"
+    composed = needs_build(model_args.model) and model.config.model_type in (
+        "vision-encoder-decoder",
+        "llava",
+    )
     setting = model_args.freeze or ("vision" if composed else "none")
     if setting not in ("vision", "none"):
         raise CaptionerError(f"--freeze must be vision or none, not {setting!r}")
@@ -454,16 +468,18 @@ def _save_results(trainer: Trainer, result, out: Path, n_train: int, eval_ds) ->
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
-    plot_curves(trainer.state.log_history, out / "curves.png")
+    if trainer.is_world_process_zero():
+        plot_curves(trainer.state.log_history, out / "curves.png")
 
 
 def _push(trainer: Trainer, out: Path) -> None:
+    """The finished model, its card and curves, through the same allow-list as `captioner push`
+    (Trainer's own push would upload whatever else sits in the folder)."""
+    repo_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id or out.name
     try:
-        trainer.push_to_hub()
-    except Exception as err:  # network / auth: the model is safe on disk either way
-        raise CaptionerError(
-            f"push to the Hub failed ({_first_line(err)}); the trained model is in {out}"
-        ) from None
+        push_to_hub(out, repo_id, private=bool(trainer.args.hub_private_repo))
+    except CaptionerError as err:  # network / auth: the model is safe on disk either way
+        raise CaptionerError(f"{err}; the trained model is in {out}") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -524,17 +540,25 @@ class CaptionTrainer(Trainer):
         return output
 
     def generation_metrics(self, dataset) -> dict[str, float]:
-        """Caption `dataset`'s images with the shared engine; score against all references."""
+        """Caption `dataset`'s images with the shared engine; score against all references.
+        With several processes each captions a contiguous shard and the predictions are
+        gathered in order, so every process scores exactly what one process would."""
         start = time.perf_counter()
+        world = self.args.world_size
+        shard = (
+            dataset.shard(world, self.args.process_index, contiguous=True) if world > 1 else dataset
+        )
         captioner = Captioner(self.model, self.processing_class, device=self.args.device)
         # ImageColumn hands the engine undecoded images one batch at a time: memory stays flat
         # whatever the eval split's size.
         predictions = captioner.caption(
-            ImageColumn(dataset),
+            ImageColumn(shard),
             self.decoding,
             batch_size=self.args.per_device_eval_batch_size,
             num_workers=0,
-        )
+        ) if len(shard) else []  # fmt: skip
+        if world > 1:
+            predictions = gather_object(predictions)
         references = [list(refs) for refs in dataset["captions"]]
         corpus = metrics.compute(predictions, references)
         scores = {k: float(v) for k, v in corpus.items() if v is not None}
