@@ -217,3 +217,18 @@ def test_other_families_batch_identically_and_take_prompts(build, images):
         assert all(batched) and all(c.startswith(prompt or "") for c in batched)
     beams = captioner.caption(images[:2], num_beams=2, num_return_sequences=2, max_new_tokens=5)
     assert [len(b) for b in beams] == [2, 2]
+
+
+def test_a_bad_image_in_a_loader_worker_is_an_error_row_not_a_crash(captioner, images, tmp_path):
+    """BadImageError crosses the worker's pickle boundary intact (it used to fail to unpickle)."""
+    import pickle
+
+    err = BadImageError("x.png", "not an image")
+    assert pickle.loads(pickle.dumps(err)).reason == "not an image"
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    results = dict(
+        captioner.caption_iter([*images, bad], batch_size=2, num_workers=1, max_new_tokens=4)
+    )
+    assert isinstance(results[len(images)], BadImageError)
+    assert all(isinstance(results[i], str) for i in range(len(images)))

@@ -355,11 +355,21 @@ def caption_command(
         False, "--trust_remote_code", help="Allow model code from the Hub repository."
     ),
     progress: bool = typer.Option(True, "--progress/--no_progress", help="Progress bar (stderr)."),
+    engine: str = typer.Option(
+        "local", "--engine", help="local | ray (a corpus on Ray Data: --output is a folder)."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray_address", help="Join this Ray cluster (default: a local instance)."
+    ),
+    num_workers: int | None = typer.Option(
+        None, "--num_workers", help="Ray actors, each holding one model (default: CPUs / 2)."
+    ),
     decoding: DecodingOptions = None,  # type: ignore[assignment]
 ) -> None:
     """Caption images into JSONL/CSV rows {"image", "caption"} or sidecar .txt files.
 
-    Bad images become rows with an "error" field; the exit code is 1 if any failed.
+    Bad images become rows with an "error" field; the exit code is 1 if any failed. With
+    --engine ray the rows go to JSONL shards in the --output folder (--resume continues).
     """
     import torch
 
@@ -367,6 +377,13 @@ def caption_command(
 
     if seed is not None:
         torch.manual_seed(seed)
+    if engine not in ("local", "ray"):
+        raise CaptionerError(f"--engine must be local or ray, not {engine!r}")
+    if engine == "ray":
+        summary = _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size,
+                                  decoding, resume, device, trust_remote_code)  # fmt: skip
+        _print_caption_summary(summary)
+        return
     summary = caption_files(
         model,
         inputs,
@@ -384,6 +401,27 @@ def caption_command(
         trust_remote_code=trust_remote_code,
         progress=progress,
     )
+    _print_caption_summary(summary)
+
+
+def _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size, decoding,
+                    resume, device, trust_remote_code):  # fmt: skip
+    try:
+        from captioner.jobs.ray_caption import RayJob, caption_with_ray
+    except ImportError as err:
+        raise CaptionerError(
+            f"--engine ray needs the ray extra ({err.name} is missing): "
+            "pip install 'captioner[ray]'"
+        ) from None
+    if output is None:
+        raise CaptionerError("--engine ray needs --output FOLDER (JSONL shards are written there)")
+    job = RayJob(model, list(inputs), output, ray_address=ray_address, num_workers=num_workers,
+                 batch_size=batch_size or 32, decoding=decoding, resume=resume, device=device,
+                 trust_remote_code=trust_remote_code)  # fmt: skip
+    return caption_with_ray(job)
+
+
+def _print_caption_summary(summary) -> None:
     for image, reason in summary.failed:
         console.print(
             f"[red]failed:[/] {escape(image)}: {escape(reason)}", highlight=False, soft_wrap=True

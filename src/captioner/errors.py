@@ -14,3 +14,8 @@ class BadImageError(CaptionerError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):
+        """Picklable with its two arguments: it crosses from DataLoader workers (and Ray
+        actors) back to the process that reports it."""
+        return (type(self), (self.path, self.reason))
