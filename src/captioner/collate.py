@@ -76,6 +76,9 @@ class CaptionCollator:
     image_column: str = "image"
     caption_column: str = "captions"
     family: str | None = None  # "llava": prompt + caption in one sequence; unset: from processor
+    # A caption prefix ("a picture of"): every caption starts with it and its tokens carry no
+    # loss, so the model learns to continue it (GIT, BLIP, VED; LLaVA has its instruction).
+    prompt: str | None = None
     _config_key: str | None = field(default=None, init=False, repr=False)
     _prompt_ids: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -109,6 +112,8 @@ class CaptionCollator:
         captions = [captions[i] for i in kept]
         if self.family == LLAVA:
             return {"pixel_values": visual, **self._llava_text(captions, visual.shape[-2:])}
+        if self.prompt:
+            captions = [f"{self.prompt.strip()} {c}" for c in captions]
 
         text = self.processor.tokenizer(
             captions,
@@ -118,6 +123,8 @@ class CaptionCollator:
             return_tensors="pt",
         )
         labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+        if self.prompt:  # no loss on the prompt: positions 1..n, after the start token
+            labels[:, 1 : 1 + self._prompt_length()] = -100
         inputs = {"encoder_outputs": (visual,)} if self.features else {"pixel_values": visual}
         if self.labels_only:
             return {**inputs, "labels": self._without_start_token(labels)}
@@ -152,6 +159,11 @@ class CaptionCollator:
             attention_mask[i, : len(row)] = 1
             labels[i, len(prompt) : len(row)] = input_ids[i, len(prompt) : len(row)]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _prompt_length(self) -> int:
+        return len(
+            self.processor.tokenizer(self.prompt.strip(), add_special_tokens=False).input_ids
+        )
 
     def _without_start_token(self, labels: torch.Tensor) -> torch.Tensor:
         """VisionEncoderDecoder feeds `decoder_start_token_id` itself and shifts the labels right

@@ -32,6 +32,9 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "temperature": (0, 5, True),
     "num_return_sequences": (1, 16, False),
     "repetition_penalty": (0, 5, True),
+    "min_new_tokens": (0, 256, False),
+    "length_penalty": (-10, 10, False),
+    "max_words": (1, 1000, False),
 }
 MAX_PROMPT_CHARS = 200
 
@@ -60,10 +63,21 @@ class DecodingOptions:
         'instruction after the image (replaces the saved "Caption:").',
     )
     bad_words: list[str] = _option([], "Words never to emit (repeat, or comma-separated).")
+    keep_prompt: bool = _option(True, "Keep the --prompt at the start of the caption.")
+    min_new_tokens: int | None = _option(None, "Shortest caption, in tokens.")
+    length_penalty: float | None = _option(None, "With beams: > 1 favours longer captions.")
+    force_words: list[str] = _option(
+        [], "Words every caption must contain (needs constrained beam search)."
+    )
+    max_words: int | None = _option(None, "Cut captions to this many words (at a word boundary).")
+    prefix: str | None = _option(
+        None, 'Text put before every caption, e.g. "sks, " (trigger word).'
+    )
+    suffix: str | None = _option(None, 'Text put after every caption, e.g. ", high quality".')
 
     def __post_init__(self) -> None:
-        self.bad_words = [w.strip() for words in self.bad_words for w in words.split(",")]
-        self.bad_words = [w for w in self.bad_words if w]
+        self.bad_words = _words(self.bad_words)
+        self.force_words = _words(self.force_words)
         for name, bounds in BOUNDS.items():
             _check_bounds(name, getattr(self, name), *bounds)
         if self.prompt is not None and len(self.prompt) > MAX_PROMPT_CHARS:
@@ -119,9 +133,24 @@ class DecodingOptions:
             "top_p": self.top_p,
             "temperature": self.temperature,
             "repetition_penalty": self.repetition_penalty,
+            "min_new_tokens": self.min_new_tokens,
+            "length_penalty": self.length_penalty,
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         return kwargs
+
+    def finish(self, caption: str) -> str:
+        """A generated caption as the user asked for it: cut at `max_words`, then `prefix` and
+        `suffix` added verbatim. (The engine drops the prompt's tokens when `keep_prompt` is
+        False: only it knows which tokens they were.)"""
+        if self.max_words is not None:
+            caption = " ".join(caption.split()[: self.max_words])
+        return f"{self.prefix or ''}{caption}{self.suffix or ''}"
+
+
+def _words(items: list[str]) -> list[str]:
+    """Repeated and comma-separated words, as one clean list."""
+    return [w for w in (w.strip() for words in items for w in words.split(",")) if w]
 
 
 def option_help(name: str) -> str:

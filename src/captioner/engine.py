@@ -33,10 +33,10 @@ from PIL import Image
 
 from captioner.compose import LLAVA, prompt_ids
 from captioner.decoding import DecodingOptions
-from captioner.errors import BadImageError
+from captioner.errors import BadImageError, CaptionerError
 from captioner.fetch import fetch, is_url
 from captioner.images import load_image, source_name
-from captioner.models import load_model
+from captioner.models import load_model, training_options
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class Captioner:
         self.image_processor = getattr(processor, "image_processor", processor)
         self.family = model.config.model_type
         self._prompt_ids: dict[tuple, list[int]] = {}  # LLaVA: per (prompt, image size)
+        # A model trained with --prompt captions with it unless told otherwise.
+        self.default_prompt: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -111,7 +113,9 @@ class Captioner:
         trust_remote_code: bool = False,
     ) -> Captioner:
         model, processor = load_model(name_or_path, trust_remote_code=trust_remote_code)
-        return cls(model, processor, device=device)
+        captioner = cls(model, processor, device=device)
+        captioner.default_prompt = training_options(name_or_path).get("prompt")
+        return captioner
 
     # ---- public API ----
 
@@ -154,7 +158,7 @@ class Captioner:
         of stopping the run. `caption` is a str, or a list of `num_return_sequences` strs when
         that is > 1. `progress` is called with the number of images done after each batch.
         """
-        decoding = (decoding or DecodingOptions()).replace(**options)
+        decoding = self._resolve(decoding or DecodingOptions(), options)
         if not (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
             images = list(images)  # a generator: the loader needs random access
         if not images:
@@ -182,7 +186,7 @@ class Captioner:
                 captions: dict[int, Any] = {}
                 if good:
                     pixels = torch.stack([px for _, px in good]).to(self.device, self.model.dtype)
-                    texts = self._generate(pixels, decoding.prompt, gen_kwargs)
+                    texts = self._generate(pixels, decoding, gen_kwargs)
                     for k, (i, _) in enumerate(good):
                         group = texts[k * n_out : (k + 1) * n_out]
                         captions[i] = group if n_out > 1 else group[0]
@@ -239,6 +243,40 @@ class Captioner:
 
     # ---- internals ----
 
+    def _resolve(self, decoding: DecodingOptions, options: dict[str, Any]) -> DecodingOptions:
+        """The options this model runs with: the saved prompt unless one is given, and a caption
+        no longer than the model's positions allow (clamped, with a note)."""
+        decoding = decoding.replace(**options)
+        if decoding.prompt is None and self.default_prompt:
+            decoding = decoding.replace(prompt=self.default_prompt)
+        limit = self.max_new_tokens_limit()
+        if limit is not None and decoding.prompt:  # the prompt's tokens take positions too
+            used = len(self.tokenizer(decoding.prompt, add_special_tokens=False).input_ids)
+            limit = max(1, limit - used)
+        if limit is not None and decoding.max_new_tokens > limit:
+            log.warning(
+                "max_new_tokens %d is more than this model's text positions allow: using %d",
+                decoding.max_new_tokens,
+                limit,
+            )
+            decoding = decoding.replace(max_new_tokens=limit)
+        if decoding.force_words:
+            raise CaptionerError(
+                "--force_words needs constrained beam search, which transformers 5 moved out of "
+                "the library (Hub repo transformers-community/constrained-beam-search, run with "
+                "trust_remote_code): not available to captioner"
+            )
+        return decoding
+
+    def max_new_tokens_limit(self) -> int | None:
+        """How many tokens a caption may have before the text positions run out (GIT, BLIP and
+        BERT decoders have a fixed number; the start token and a prompt token need room)."""
+        if self.family == LLAVA:
+            return None
+        text = self.model.config.get_text_config(decoder=True)
+        positions = getattr(text, "max_position_embeddings", None)
+        return None if positions is None else max(1, positions - 2)
+
     def _generate_kwargs(self, decoding: DecodingOptions) -> dict[str, Any]:
         kwargs = decoding.generate_kwargs()
         if decoding.bad_words:
@@ -248,35 +286,42 @@ class Captioner:
             kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else 0
         return kwargs
 
-    def _prompt_kwargs(self, prompt: str | None, pixels: torch.Tensor) -> dict:
-        """Prompt ids for a batch of `pixels` (all items share the prompt, so no padding)."""
+    def _prompt_kwargs(self, prompt: str | None, pixels: torch.Tensor) -> tuple[dict, int]:
+        """Prompt ids for a batch of `pixels` (all items share the prompt, so no padding), and
+        how many tokens of the output are that prompt."""
         n = len(pixels)
         if self.family == LLAVA:
             key = (prompt, *pixels.shape[-2:])
             if key not in self._prompt_ids:
                 self._prompt_ids[key] = prompt_ids(self.processor, prompt, *pixels.shape[-2:])
             ids = torch.tensor([self._prompt_ids[key]] * n, device=self.device)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.shape[1]
         if not prompt:
-            return {}
+            return {}, 0
         tok = self.tokenizer
         ids = tok(prompt, add_special_tokens=False).input_ids
         if self.family == "git":
             # As GIT's docs: [CLS] + prompt, without the trailing [SEP] (that would end it).
             start = self.model.config.bos_token_id
             start = tok.cls_token_id if start is None else start
-            key, ids = "input_ids", [start, *ids]
+            key, ids, shown = "input_ids", [start, *ids], len(ids) + 1
         elif self.family == "blip":
             # BLIP's generate swaps the first id for BOS and drops the last ([SEP]).
             key, ids = "input_ids", tok(prompt).input_ids
+            shown = len(ids) - 1
         else:  # vision-encoder-decoder: the prompt continues the decoder start token
             key, ids = "decoder_input_ids", [self.model.config.decoder_start_token_id, *ids]
-        return {key: torch.tensor([ids] * n, device=self.device)}
+            shown = len(ids)
+        return {key: torch.tensor([ids] * n, device=self.device)}, shown
 
-    def _generate(self, pixels: torch.Tensor, prompt: str | None, gen_kwargs: dict) -> list[str]:
-        inputs = self._prompt_kwargs(prompt, pixels)
+    def _generate(
+        self, pixels: torch.Tensor, decoding: DecodingOptions, gen_kwargs: dict
+    ) -> list[str]:
+        inputs, prompt_tokens = self._prompt_kwargs(decoding.prompt, pixels)
         ids = self.model.generate(pixel_values=pixels, **inputs, **gen_kwargs)
-        if self.family == LLAVA:  # a decoder-only LM returns its prompt too: keep the new tokens
-            ids = ids[:, inputs["input_ids"].shape[1] :]
+        # A decoder-only LM (LLaVA) returns its instruction too; a GIT/BLIP/VED prompt is the
+        # start of the caption and stays unless the user drops it.
+        if self.family == LLAVA or not decoding.keep_prompt:
+            ids = ids[:, prompt_tokens:]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return [" ".join(t.split()) for t in texts]
+        return [decoding.finish(" ".join(t.split())) for t in texts]

@@ -323,6 +323,7 @@ def train(
         else _pixel_cache_dir(training_args.pixel_cache, processor, n_images),
         labels_only=model.config.model_type == "vision-encoder-decoder",
         features=features,
+        prompt=(decoding or DecodingOptions()).prompt,
     )
     trainer = _make_trainer(
         model, processor, training_args, train_ds, eval_ds, collator, decoding, callbacks
