@@ -72,7 +72,10 @@ def dataclass_flags(cls: type, param: str, *, only: tuple[str, ...] | None = Non
             annotation: Any = list[str] if kind is list else kind | None
             if kind is bool and not unset:
                 annotation = bool
-            option = typer.Option(default, f"--{f.name}", help=f.metadata.get("help"))
+            names = [f"--{f.name}"]
+            if kind is bool and default is True:  # a flag that is on: it needs an off switch
+                names = [f"--{f.name}/--no_{f.name}"]
+            option = typer.Option(default, *names, help=f.metadata.get("help"))
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option))
             annotations[f.name] = annotation
 
