@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_CAPTIONS, make_images
 
 from captioner import evaluation, metrics
+from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
 from captioner.models import load_model
@@ -176,3 +177,53 @@ def test_eval_split_follows_the_models_training_config(tmp_path):
     assert (args.test_size, seed) == (0.2, 7)
     args, seed = split_options("some/hub-id", {"on_bad_image": "fail"})
     assert (args.on_bad_image, args.test_size, seed) == ("fail", 0.1, 0)
+
+
+def test_eval_split_all_scores_every_row(tiny_model_dir, tmp_path):
+    """A folder meant as a test set: `--split all` scores every image in it, in stored order."""
+    from captioner.jobs.evaluate import EvalJob, run_eval
+    from captioner.scenes import generate_scenes
+
+    data = generate_scenes(tmp_path / "scenes", n=12)
+    decoding = DecodingOptions(max_new_tokens=3)
+    job = EvalJob(model=str(tiny_model_dir), data=str(data), split="all", decoding=decoding)
+    (result,), _ = run_eval(job)
+    assert result.metrics["num_samples"] == 12 and len(result.samples) == 12
+    expected = [json.loads(line)["captions"] for line in open(data / "metadata.jsonl")]
+    assert [row["references"] for row in result.samples] == expected
+    # the default split is the held-out tenth only
+    job = EvalJob(model=str(tiny_model_dir), data=str(data), decoding=decoding)
+    assert run_eval(job)[0][0].metrics["num_samples"] == 2
+
+
+def test_eval_split_all_takes_every_split_of_the_source(tiny_model_dir, tmp_path):
+    from captioner.jobs.evaluate import EvalJob, run_eval
+
+    for split, n in (("train", 3), ("validation", 2), ("test", 2)):
+        paths = make_images(tmp_path / "data" / split, n)
+        with open(tmp_path / "data" / split / "metadata.jsonl", "w") as meta:
+            for p in paths:
+                meta.write(json.dumps({"file_name": p.name, "text": f"{split} {p.stem}"}) + "\n")
+    job = EvalJob(
+        model=str(tiny_model_dir),
+        data=str(tmp_path / "data"),
+        split="all",
+        decoding=DecodingOptions(max_new_tokens=3),
+    )
+    (result,), _ = run_eval(job)
+    assert result.metrics["num_samples"] == 7
+
+
+def test_eval_empty_split_names_the_flag(tiny_model_dir, tmp_path):
+    from captioner.jobs.evaluate import EvalJob, run_eval
+    from captioner.scenes import generate_scenes
+
+    data = generate_scenes(tmp_path / "scenes", n=5)
+    job = EvalJob(model=str(tiny_model_dir), data=str(data), data_options={"test_size": 0})
+    with pytest.raises(CaptionerError, match=r"'test' split .* is empty") as err:
+        run_eval(job)
+    assert "--split all" in str(err.value) and "all 5 rows" in str(err.value)
+    assert "--test_size" in str(err.value)
+    job.split = "nope"
+    with pytest.raises(CaptionerError, match="no split 'nope'.*--split all"):
+        run_eval(job)

@@ -142,10 +142,24 @@ def data_scenes(
 def data_check(
     source: str = typer.Argument(..., help="Folder, manifest, .tar shards or Hub id."),
     seed: int = typer.Option(0, "--seed", help="Split seed (as for train)."),
+    near_threshold: int = typer.Option(
+        6, "--near_threshold", help="Near-duplicates: pHash bits that may differ (-1: off)."
+    ),
+    max_caption_words: int | None = typer.Option(
+        None, "--max_caption_words", help="Also report captions longer than this."
+    ),
+    fix: str | None = typer.Option(
+        None,
+        "--fix",
+        help="Write a cleaned manifest (.csv/.jsonl) here: one image per group of copies, "
+        "empty/overlong captions dropped. The originals are not touched.",
+    ),
     data_options: dict = None,  # type: ignore[assignment]
 ) -> None:
-    """List every bad example (file, reason) and a summary; exit 1 if there is any."""
+    """List every bad example, duplicate, near-duplicate, train/test leak and caption problem by
+    file (train/test as `train` splits it: same --test_size and --seed); exit 1 if there is any."""
     from captioner.data import scan_source
+    from captioner.hygiene import check_hygiene, write_clean_manifest
 
     args = _data_args(source, data_options)
     scan = scan_source(
@@ -163,7 +177,35 @@ def data_check(
     sizes = ", ".join(f"{k} {len(v)}" for k, v in scan.splits.items())
     console.print(f"{scan.total} examples: {scan.total - len(scan.bad)} ok ({sizes}), ", end="")
     console.print(f"{len(scan.bad)} bad", style="red" if scan.bad else "green")
-    if scan.bad:
+    report = check_hygiene(
+        source,
+        near_threshold=near_threshold if near_threshold >= 0 else None,
+        max_caption_words=max_caption_words,
+        test_size=args.test_size,
+        seed=seed,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        max_pixels=args.max_pixels,
+    )
+    if report.findings:
+        rows = report.rows()
+        longest = max(len(line) for _, files, _ in rows for line in files.splitlines())
+        table = Table(title=f"data hygiene in {source}", title_justify="left")
+        table.add_column("finding")
+        table.add_column("files [split]", min_width=longest, no_wrap=True)
+        table.add_column("detail")
+        for kind, files, detail in rows:
+            table.add_row(kind, escape(files), escape(detail))
+        Console(width=max(longest + 60, 80), highlight=False).print(table)
+    console.print(report.summary(), style="red" if report.problems else "green")
+    if fix:
+        written = write_clean_manifest(report, fix)
+        copied = f"; images copied to {written.copied_to}" if written.copied_to else ""
+        console.print(
+            f"wrote {written.rows} rows to {written.path} ({len(written.dropped)} images left "
+            f"out{copied})"
+        )
+    if scan.bad or report.problems:
         raise typer.Exit(1)
 
 
@@ -259,7 +301,9 @@ def train(ctx: typer.Context) -> None:
 def eval_command(
     model: str = typer.Argument(..., help="Model directory or Hub id."),
     source: str = typer.Argument(..., help="Dataset (any source `captioner data` reads)."),
-    split: str = typer.Option("test", "--split", help="Split to evaluate."),
+    split: str = typer.Option(
+        "test", "--split", help="test | train | all (every row of every split, e.g. a test folder)."
+    ),
     seed: int | None = typer.Option(
         None, "--seed", help="Split seed (default: the model's training value, or 0)."
     ),

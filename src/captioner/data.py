@@ -106,6 +106,18 @@ class DataArguments:
             max_pixels=self.max_pixels,
         )
 
+    def load_all(self):
+        """`load_all_rows` with these options: every row, no split."""
+        if not self.data:
+            raise CaptionerError("no dataset given (--data)")
+        return load_all_rows(
+            self.data,
+            image_column=self.image_column,
+            caption_column=self.caption_column,
+            on_bad_image=self.on_bad_image,
+            max_pixels=self.max_pixels,
+        )
+
 
 class ImageColumn(Sequence):
     """`dataset[i]["image"]` on demand, undecoded ({"bytes", "path"}): the captioning loader
@@ -178,6 +190,30 @@ def load_captions(
     `image` is datasets' Image feature (decoded lazily; EXIF applied by datasets); pass each image
     through `images.load_image` for the RGB conversion, as collate and the report do.
     """
+    scan = _scan_clean(source, image_column, caption_column, on_bad_image, max_pixels, min_size)
+    return _train_test(scan.splits, test_size, seed)
+
+
+def load_all_rows(
+    source: str | os.PathLike,
+    *,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    on_bad_image: str = "skip",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_SIZE,
+):
+    """Every row of every split of `source` as one Dataset(image, captions), in stored order:
+    no held-out split is cut (`captioner eval --split all` on a folder meant as a test set)."""
+    import datasets
+
+    scan = _scan_clean(source, image_column, caption_column, on_bad_image, max_pixels, min_size)
+    parts = [ds for ds in scan.splits.values() if len(ds)]
+    return datasets.concatenate_datasets(parts) if parts else _dataset([], [])
+
+
+def _scan_clean(source, image_column, caption_column, on_bad_image, max_pixels, min_size) -> Scan:
+    """`scan_source`, then skip (with one warning) or fail on bad examples."""
     if on_bad_image not in ("skip", "fail"):
         raise CaptionerError(f"--on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
     scan = scan_source(source, image_column, caption_column, max_pixels, min_size)
@@ -190,7 +226,7 @@ def load_captions(
                 f" ({hint}; --on_bad_image skip drops them)"
             )
         log.warning("skipped %d of %d examples in %s (%s)", len(scan.bad), scan.total, source, hint)
-    return _train_test(scan.splits, test_size, seed)
+    return scan
 
 
 def scan_source(
@@ -547,6 +583,8 @@ def _train_test(splits: dict[str, Any], test_size: float | int, seed: int):
     else:
         train = _dataset([], [])
     if test is None:
+        if test_size >= 1 and float(test_size).is_integer():
+            test_size = int(test_size)  # a row count (flags give 8.0; datasets wants 8)
         if test_size > 0 and len(train) >= 2:
             try:
                 parts = train.train_test_split(test_size=test_size, seed=seed)

@@ -40,7 +40,9 @@ from transformers import (
 )
 
 from captioner import metrics
+from captioner.card import write_model_card
 from captioner.checkpoints import last_complete_checkpoint
+from captioner.collapse import DEFAULT_THRESHOLD, CollapseGuard, diversity
 from captioner.collate import INDEX_COLUMN, CaptionCollator
 from captioner.compose import freeze, vision_tower
 from captioner.data import DataArguments, ImageColumn, first_rows
@@ -142,6 +144,12 @@ class CaptionTrainingArguments(TrainingArguments):
     pixel_cache: str = _default("auto", "auto (small datasets) | off | a folder for pixel values.")
     early_stopping_patience: int | None = _default(
         None, "Stop after N evaluations without a better metric."
+    )
+    stop_on_collapse: bool = _default(
+        False, "Stop when two evaluations in a row give (nearly) every image the same caption."
+    )
+    collapse_threshold: float = _default(
+        DEFAULT_THRESHOLD, "Collapse: distinct captions / eval images below this (min 20 images)."
     )
 
     def __post_init__(self) -> None:
@@ -344,6 +352,7 @@ def train(
         raise
     # 8. The final model, metrics, curves; the Hub.
     _save_results(trainer, result, out, len(train_ds), eval_ds)
+    _write_card(trainer, out, model_args, data_args, len(train_ds), len(eval_ds or []))
     if training_args.push_to_hub:
         _push(trainer, out)
     return out
@@ -409,6 +418,7 @@ def _make_trainer(model, processor, args, train_ds, eval_ds, collator, decoding,
     callbacks = [_EpochCaptions(collator), *(callbacks or [])]
     if args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(args.early_stopping_patience))
+    callbacks.append(CollapseGuard(args.collapse_threshold, stop=args.stop_on_collapse))
     try:
         return CaptionTrainer(
             model=model,
@@ -430,14 +440,20 @@ def _make_trainer(model, processor, args, train_ds, eval_ds, collator, decoding,
 
 
 def _resolved_options(model_args, data_args, decoding, training_args) -> dict[str, Any]:
-    """Our options + every TrainingArguments value that differs from transformers' (a flat dict
-    that `--config` takes back). The seed and output folder are always written."""
-    base = _field_defaults(TrainingArguments)
+    """Our options + every TrainingArguments value that differs from transformers' default or
+    from captioner's (a flat dict that `--config` takes back to the same run). The seed, the
+    output folder and whatever a preset sets are always written."""
+    theirs = _field_defaults(TrainingArguments)
+    mine = _field_defaults(CaptionTrainingArguments)
     ours = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args)}
     ours |= dataclasses.asdict(decoding or DecodingOptions())
+    keep = {"output_dir", "seed", "resume", "early_stopping_patience", *PRESET_TRAINING_DEFAULTS}
+    if is_preset(model_args.model):
+        keep |= set(preset_config(model_args.model).get("training_defaults", {}))
     trained = training_args.to_dict()
-    keep = {"output_dir", "seed", "resume", "early_stopping_patience"}
-    return ours | {k: v for k, v in trained.items() if k in keep or v != base.get(k)}
+    return ours | {
+        k: v for k, v in trained.items() if k in keep or v != theirs.get(k) or v != mine.get(k)
+    }
 
 
 def _field_defaults(cls) -> dict[str, Any]:
@@ -471,6 +487,35 @@ def _save_results(trainer: Trainer, result, out: Path, n_train: int, eval_ds) ->
     trainer.save_state()
     if trainer.is_world_process_zero():
         plot_curves(trainer.state.log_history, out / "curves.png")
+
+
+def _write_card(trainer, out, model_args, data_args, n_train: int, n_eval: int) -> None:
+    """README.md: what the model is, its data, options, scores and samples, and how to use it."""
+    args = trainer.args
+    ours = [dataclasses.asdict(x) for x in (model_args, data_args, trainer.decoding)]
+    current = {k: v for d in ours for k, v in d.items()} | args.to_dict()
+    defaults = {
+        **_field_defaults(ModelArguments),
+        **_field_defaults(DataArguments),
+        **_field_defaults(DecodingOptions),
+        # captioner's own defaults, after the same rules, so that only the user's choices show
+        **CaptionTrainingArguments(output_dir=str(out)).to_dict(),
+    }
+    said_elsewhere = {"model", "data", "output_dir", "logging_dir", "resume"}
+    changed = {k: v for k, v in current.items() if k not in said_elsewhere and v != defaults.get(k)}
+    results = out / "eval_results.json"
+    write_model_card(
+        out,
+        base_model=model_args.model,
+        data=data_args.data,
+        sizes={"train": n_train, "eval (scored)": n_eval},
+        options_changed=changed,
+        metrics=json.loads(results.read_text()) if results.is_file() else {},
+        samples=trainer.last_samples,
+        curves="curves.png",
+        family=trainer.model.config.model_type,
+        repo_id=args.hub_model_id,
+    )
 
 
 def _push(trainer: Trainer, out: Path) -> None:
@@ -518,6 +563,7 @@ class CaptionTrainer(Trainer):
     def __init__(self, *args, decoding: DecodingOptions | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.decoding = decoding or DecodingOptions()
+        self.last_samples: list[tuple[str, list[str]]] = []  # (caption, references): the card's
 
     def evaluation_loop(
         self,
@@ -563,7 +609,9 @@ class CaptionTrainer(Trainer):
         references = [list(refs) for refs in dataset["captions"]]
         corpus = metrics.compute(predictions, references)
         scores = {k: float(v) for k, v in corpus.items() if v is not None}
+        scores.update(diversity(predictions))  # read by CollapseGuard
         scores["gen_runtime"] = round(time.perf_counter() - start, 3)
+        self.last_samples = list(zip(predictions, references, strict=True))
         for pred, refs in list(zip(predictions, references, strict=True))[:3]:
             log.info("eval sample: %r (reference: %r)", pred, refs[0])
         return scores

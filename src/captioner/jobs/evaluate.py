@@ -1,6 +1,8 @@
 """`captioner eval`: score a model (and optionally a second one) on a split, write the report.
 
-With `output_dir`: `metrics.json` (the first model's metrics at top level, the other's under
+`split="all"` scores every row of every split (a folder meant as a test set needs no split
+flags); an empty split is an error naming the flag that gives rows. With `output_dir`:
+`metrics.json` (the first model's metrics at top level, the other's under
 "compare"), `samples.jsonl` per model, and the self-contained `report.html`.
 """
 
@@ -21,6 +23,8 @@ from captioner.jobs.progress import progress_bar
 from captioner.models import training_options
 from captioner.report import write_eval_report
 
+# `--split all`: every row of the source, whatever its splits (a folder meant as a test set).
+ALL_SPLITS = "all"
 SPLIT_KEYS = ("test_size", "seed", "image_column", "caption_column", "on_bad_image")
 
 
@@ -31,7 +35,7 @@ class EvalJob:
     model: str
     data: str
     data_options: dict[str, Any] = field(default_factory=dict)
-    split: str = "test"
+    split: str = "test"  # or train, or ALL_SPLITS
     compare: str | None = None
     teacher_forced: bool = False
     output_dir: str | None = None
@@ -52,14 +56,36 @@ def split_options(model: str, given: dict[str, Any]) -> tuple[DataArguments, int
     return DataArguments(**{k: v for k, v in options.items() if k in known}), seed
 
 
-def run_eval(job: EvalJob) -> tuple[list[EvalResult], dict[str, float] | None]:
-    """Evaluate `job.model` (and `job.compare`) on the split; write the files when asked."""
-    # 1. The split the model was trained with, unless the user says otherwise.
-    data_args, seed = split_options(job.model, {**job.data_options, "data": job.data})
+def choose_split(job: EvalJob, data_args: DataArguments, seed: int):
+    """The rows to score: one split as training cut it, or every row (`ALL_SPLITS`). An empty
+    choice is an error that names the flag that gives rows."""
+    if job.split == ALL_SPLITS:
+        dataset = data_args.load_all()
+        if len(dataset) == 0:
+            raise CaptionerError(f"{job.data}: no usable rows to evaluate")
+        return dataset
     splits = data_args.load(seed)
     if job.split not in splits:
-        raise CaptionerError(f"{job.data} has no split {job.split!r} (splits: {', '.join(splits)})")
+        raise CaptionerError(
+            f"{job.data} has no split {job.split!r} (splits: {', '.join(splits)}; "
+            f"--split {ALL_SPLITS} scores every row)"
+        )
     dataset = splits[job.split]
+    if len(dataset) == 0:
+        rows = sum(len(d) for d in splits.values())
+        why, hint = "", f"pass --split {ALL_SPLITS} to score all {rows} rows"
+        if job.split == "test":
+            why = f" (no test split in the source, and --test_size is {data_args.test_size:g})"
+            hint += ", or --test_size 0.1 (a fraction or a row count) to hold some out"
+        raise CaptionerError(f"the {job.split!r} split of {job.data} is empty{why}: {hint}")
+    return dataset
+
+
+def run_eval(job: EvalJob) -> tuple[list[EvalResult], dict[str, float] | None]:
+    """Evaluate `job.model` (and `job.compare`) on the split; write the files when asked."""
+    # 1. The split the model was trained with, unless the user says otherwise (or every row).
+    data_args, seed = split_options(job.model, {**job.data_options, "data": job.data})
+    dataset = choose_split(job, data_args, seed)
     max_samples = data_args.max_eval_samples
     # 2. Caption and score with each model in turn (one in memory at a time).
     results, teacher_forced = [], {} if job.teacher_forced else None
