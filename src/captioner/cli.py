@@ -318,6 +318,12 @@ def eval_command(
     trust_remote_code: bool = typer.Option(
         False, "--trust_remote_code", help="Allow model code from the Hub repository."
     ),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="float32 | bfloat16 (native on AVX512-BF16/AMX CPUs)."
+    ),
+    int8: bool = typer.Option(
+        False, "--int8", help="int8 linear layers (CPU, dynamic quantization): faster, inexact."
+    ),
     decoding: DecodingOptions = None,  # type: ignore[assignment]
     data_options: dict = None,  # type: ignore[assignment]
 ) -> None:
@@ -344,6 +350,8 @@ def eval_command(
         decoding=decoding,
         batch_size=batch_size,
         trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        int8=int8,
     )
     results, teacher_forced = run_eval(job)
     table = Table(title=escape(f"{source} [{split}]"))
@@ -402,6 +410,12 @@ def caption_command(
         False, "--trust_remote_code", help="Allow model code from the Hub repository."
     ),
     progress: bool = typer.Option(True, "--progress/--no_progress", help="Progress bar (stderr)."),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="float32 | bfloat16 (native on AVX512-BF16/AMX CPUs)."
+    ),
+    int8: bool = typer.Option(
+        False, "--int8", help="int8 linear layers (CPU, dynamic quantization): faster, inexact."
+    ),
     engine: str = typer.Option(
         "local", "--engine", help="local | ray (a corpus on Ray Data: --output is a folder)."
     ),
@@ -442,6 +456,8 @@ def caption_command(
         resume=resume,
         retry_errors=retry_errors,
         on_collision=on_collision,
+        dtype=dtype,
+        int8=int8,
         decoding=decoding,
         batch_size=batch_size,
         device=device,
@@ -523,6 +539,12 @@ def serve(
     trust_remote_code: bool = typer.Option(
         False, "--trust_remote_code", help="Allow model code from the Hub."
     ),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="float32 | bfloat16 (native on AVX512-BF16/AMX CPUs)."
+    ),
+    int8: bool = typer.Option(
+        False, "--int8", help="int8 linear layers (CPU, dynamic quantization): faster, inexact."
+    ),
 ) -> None:
     """Serve MODEL over HTTP: POST /caption, GET /health, a web page at /, API docs at /docs."""
     try:
@@ -550,7 +572,9 @@ def serve(
         allowed_hosts=allowed_hosts or default_allowed_hosts(host),
     )
     create_app(None, **settings)  # bad settings fail here, before the model loads
-    captioner = Captioner.from_pretrained(model, device=device, trust_remote_code=trust_remote_code)
+    captioner = Captioner.from_pretrained(
+        model, device=device, trust_remote_code=trust_remote_code, dtype=dtype, int8=int8
+    )
     console.print(f"serving [bold]{model}[/] at http://{host}:{port}/  (API docs: /docs)")
     uvicorn.run(
         create_app(captioner, **settings),
@@ -578,6 +602,27 @@ def push(
     from captioner.hub import push_to_hub
 
     console.print(f"pushed: {push_to_hub(model_dir, hub_model_id, private=private)}")
+
+
+# --- export ---
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="A model folder (GIT) to export."),
+    out: str = typer.Argument(..., help="Folder for the ONNX graphs and the processor."),
+    format: str = typer.Option("onnx", "--format", help="onnx (the only format)."),
+    int8: bool = typer.Option(False, "--int8", help="Quantize the graphs' weights to int8."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+) -> None:
+    """Export for onnxruntime; `captioner caption OUT ...` then runs it (greedy or sampling).
+
+    GIT exports; BLIP, VisionEncoderDecoder and LLaVA are refused with the reason."""
+    from captioner.export import export_onnx
+
+    if format != "onnx":
+        raise CaptionerError(f"--format {format!r}: only onnx is supported")
+    console.print(f"exported to {export_onnx(model, out, int8=int8, overwrite=overwrite)}")
 
 
 # --- merge ---

@@ -31,9 +31,11 @@ import psutil
 import torch
 from PIL import Image
 
+from captioner import precision
 from captioner.compose import LLAVA, prompt_ids
 from captioner.decoding import DecodingOptions
 from captioner.errors import BadImageError, CaptionerError
+from captioner.export import is_onnx_dir, load_onnx
 from captioner.fetch import fetch, is_url
 from captioner.images import load_image, source_name
 from captioner.models import load_model, training_options
@@ -111,9 +113,22 @@ class Captioner:
         *,
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
+        dtype: str = "float32",
+        int8: bool = False,
     ) -> Captioner:
-        model, processor = load_model(name_or_path, trust_remote_code=trust_remote_code)
-        captioner = cls(model, processor, device=device)
+        """A model folder, Hub id, LoRA adapter folder or ONNX export, ready to caption.
+        `dtype="bfloat16"` and `int8=True` (dynamic int8 linear layers, CPU) trade exactness for
+        speed: see precision.py and bench/RESULTS.md for how often captions change."""
+        if is_onnx_dir(name_or_path):  # an export (captioner export): runs on onnxruntime
+            if dtype != "float32" or int8:
+                raise CaptionerError(
+                    "an ONNX export runs as exported: export it with --int8 instead"
+                )
+            captioner = cls(*load_onnx(name_or_path), device="cpu")
+        else:
+            model, processor = load_model(name_or_path, trust_remote_code=trust_remote_code)
+            model = precision.prepare(model, dtype, int8)
+            captioner = cls(model, processor, device="cpu" if int8 else device)
         captioner.default_prompt = training_options(name_or_path).get("prompt")
         return captioner
 

@@ -260,6 +260,8 @@ def caption_files(
     batch_size: int | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    dtype: str = "float32",
+    int8: bool = False,
     progress: bool = False,
     stdin: IO[str] | None = None,
     stdout: IO[str] | None = None,
@@ -295,7 +297,7 @@ def caption_files(
         captioner = model if isinstance(model, Captioner) else None
         if captioner is None:
             captioner = Captioner.from_pretrained(
-                model, device=device, trust_remote_code=trust_remote_code
+                model, device=device, trust_remote_code=trust_remote_code, dtype=dtype, int8=int8
             )
     writer = _open_writer(out_path, sidecar, resume, previous, todo, stdout)
     try:

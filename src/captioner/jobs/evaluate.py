@@ -42,6 +42,8 @@ class EvalJob:
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     batch_size: int | None = None
     trust_remote_code: bool = False
+    dtype: str = "float32"
+    int8: bool = False
 
 
 def split_options(model: str, given: dict[str, Any]) -> tuple[DataArguments, int]:
@@ -90,7 +92,9 @@ def run_eval(job: EvalJob) -> tuple[list[EvalResult], dict[str, float] | None]:
     # 2. Caption and score with each model in turn (one in memory at a time).
     results, teacher_forced = [], {} if job.teacher_forced else None
     for name in [job.model] + ([job.compare] if job.compare else []):
-        captioner = Captioner.from_pretrained(name, trust_remote_code=job.trust_remote_code)
+        captioner = Captioner.from_pretrained(
+            name, trust_remote_code=job.trust_remote_code, dtype=job.dtype, int8=job.int8
+        )
         total = len(first_rows(dataset, max_samples))
         with progress_bar(total, f"evaluating {name}") as advance:
             result = evaluate(

@@ -3,14 +3,18 @@
     POST /caption   multipart upload (field `file` or `files`, one or several images) or JSON
                     {"url": "data:image/...;base64,..." | "http(s)://..."}; decoding options as
                     form/JSON fields. -> {"caption", "model", "latency_ms"} (several -> "results")
+    POST /v1/chat/completions, GET /v1/models
+                    the OpenAI-compatible API (serve/openai.py), through the same steps
     GET  /health    {"status", "model", "device", ...}
     GET  /          one static page: choose or drop an image, see it with its caption
     GET  /docs      the generated OpenAPI docs
 
 Every request is checked and decoded *before* it joins a batch, so an oversized, non-image or
 bomb upload is answered with its own JSON error (413 / 415 / 422) and never touches the
-requests batched with it. Errors are `{"detail": "<file>: <what is wrong>"}`; every error is
-JSON, and only a bug answers 500.
+requests batched with it. Errors are `{"detail": "<file>: <what is wrong>"}` (on /v1 paths,
+OpenAI's `{"error": {...}}`); every error is JSON, and only a bug answers 500. The steps a
+request goes through (key, queue room, memory, reading, downloading, decoding, the batcher) are
+one `Pipeline`, which both APIs use.
 
 Memory is bounded by design: JSON bodies are read up to `max_json_bytes` (64 KiB) before they
 are parsed; every request reserves, from one server-wide budget (`max_decoded_bytes`), the bytes
@@ -37,6 +41,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -46,6 +51,7 @@ from importlib import resources
 from typing import Any, NamedTuple, Protocol
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from pydantic import TypeAdapter
@@ -63,6 +69,7 @@ from captioner.images import (
     decoded_bytes,
     open_checked,
 )
+from captioner.serve import openai
 from captioner.serve.batcher import Batcher, Caption, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -199,9 +206,17 @@ class ServerSettings:
             raise CaptionerError("--allowed_hosts must not contain an empty name")
 
     @property
+    def max_image_json_bytes(self) -> int:
+        """The largest OpenAI-style JSON body: one full-size image as a base64 data: URL, plus
+        `max_json_bytes` for the rest of the request."""
+        return 4 * math.ceil(self.max_upload_bytes / 3) + self.max_json_bytes
+
+    @property
     def max_body_bytes(self) -> int:
-        """Whole-request cap: enough for `max_files` full-size images plus form overhead."""
-        return self.max_files * self.max_upload_bytes + FORM_OVERHEAD_BYTES
+        """Whole-request cap: enough for `max_files` full-size images plus form overhead, or
+        one image inside a JSON body."""
+        uploads = self.max_files * self.max_upload_bytes + FORM_OVERHEAD_BYTES
+        return max(uploads, self.max_image_json_bytes)
 
 
 class Upload(NamedTuple):
@@ -241,9 +256,10 @@ def create_app(
 
     `max_upload_bytes` and `max_pixels` apply per image, `max_files` per request,
     `max_decoded_bytes` to all requests together (uploads plus decoded pixels in flight).
-    `api_key` protects POST /caption (header `X-API-Key` or `Authorization: Bearer`); the page,
-    /health and /docs stay open. `allow_url_fetch` lets JSON `{"url": "http(s)://..."}` make
-    the server download (off: only data: URLs). `allowed_hosts` (names, `*` for any) checks
+    `api_key` protects POST /caption and the /v1 routes (header `X-API-Key` or `Authorization:
+    Bearer`); the page, /health and /docs stay open. `allow_url_fetch` lets JSON
+    `{"url": "http(s)://..."}` (and OpenAI image_url parts) make the server download (off:
+    only data: URLs). `allowed_hosts` (names, `*` for any) checks
     the Host header of every request (`default_allowed_hosts(bind)` gives the loopback names
     for a loopback bind). `max_batch_size=1` turns dynamic batching off. A bad setting raises
     `CaptionerError` before anything starts.
@@ -273,15 +289,18 @@ def create_app(
         version=__version__,
         lifespan=_lifespan(batcher),
     )
+    pipeline = Pipeline(batcher, settings, budget)
     app.state.batcher = batcher
     app.state.settings = settings
     app.state.budget = budget
     app.add_middleware(RequestGuard, settings=settings)
     app.add_exception_handler(Rejected, _answer_rejected)
+    app.add_exception_handler(StarletteHTTPException, _answer_http_error)
     app.add_exception_handler(Exception, _answer_bug)
     _add_page_route(app)
     _add_health_route(app, batcher, settings, budget)
-    _add_caption_route(app, batcher, settings, budget)
+    _add_caption_route(app, pipeline)
+    openai.add_routes(app, pipeline, tokenizer=getattr(captioner, "tokenizer", None))
     return app
 
 
@@ -386,10 +405,10 @@ def _lifespan(batcher: Batcher) -> Callable[[FastAPI], AbstractAsyncContextManag
 
 
 async def _answer_rejected(request: Request, err: Rejected) -> JSONResponse:
-    return _error_response(err)
+    return _error_response(err, openai.is_openai_path(request.url.path))
 
 
-def _error_response(err: Rejected) -> JSONResponse:
+def _error_response(err: Rejected, openai_shape: bool = False) -> JSONResponse:
     headers = {}
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
@@ -398,11 +417,22 @@ def _error_response(err: Rejected) -> JSONResponse:
     detail = err.message
     if len(detail) > MAX_DETAIL_CHARS:  # a 5000-digit number echoed back helps nobody
         detail = detail[: MAX_DETAIL_CHARS - 3] + "..."
+    if openai_shape:
+        return openai.error_response(err.status, detail, headers=headers or None)
     return JSONResponse({"detail": detail}, status_code=err.status, headers=headers or None)
+
+
+async def _answer_http_error(request: Request, err: StarletteHTTPException) -> Any:
+    """Routing errors (404, 405): OpenAI's shape on its paths, FastAPI's elsewhere."""
+    if openai.is_openai_path(request.url.path):
+        return openai.error_response(err.status_code, str(err.detail), headers=err.headers)
+    return await http_exception_handler(request, err)
 
 
 async def _answer_bug(request: Request, err: Exception) -> JSONResponse:
     log.error("unhandled error on %s", request.url.path, exc_info=err)
+    if openai.is_openai_path(request.url.path):
+        return openai.error_response(500, "internal error")
     return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
@@ -436,21 +466,74 @@ def _add_health_route(
         }
 
 
-def _add_caption_route(
-    app: FastAPI, batcher: Batcher, settings: ServerSettings, budget: MemoryBudget
-) -> None:
+def _add_caption_route(app: FastAPI, pipeline: Pipeline) -> None:
+    settings = pipeline.settings
+
     @app.post("/caption", openapi_extra=_caption_openapi())
     async def caption(request: Request) -> dict[str, Any]:
         start = time.perf_counter()
-        _check_key(request, settings.api_key)
-        _check_room(batcher, 1)
-        with budget.hold(batcher.retry_after_s) as hold:
+        pipeline.check_key(request)
+        pipeline.check_room(1)
+        with pipeline.hold() as hold:
             body = await _read_request(request, settings, hold)
-            _check_room(batcher, len(body.uploads))  # 503 before decoding anything
+            pipeline.check_room(len(body.uploads))  # 503 before decoding anything
             images = await _decode_all(body.uploads, settings.max_pixels, hold)
-            captions = await _unless_client_leaves(request, _caption_all(batcher, images, body))
+            names = [u.name for u in body.uploads]
+            captions = await pipeline.caption(request, images, body.decoding, names)
         latency_ms = round((time.perf_counter() - start) * 1000, 1)
         return _answer(body, captions, settings.model_name, latency_ms)
+
+
+class Pipeline:
+    """The steps from a request to its captions, shared by POST /caption and the OpenAI
+    routes (serve/openai.py): each raises `Rejected` with the answer when a step fails."""
+
+    def __init__(self, batcher: Batcher, settings: ServerSettings, budget: MemoryBudget) -> None:
+        self.batcher = batcher
+        self.settings = settings
+        self.budget = budget
+        self.model_name = settings.model_name
+        self.max_image_json_bytes = settings.max_image_json_bytes
+
+    def check_key(self, request: Request) -> None:
+        _check_key(request, self.settings.api_key)
+
+    def check_room(self, n: int) -> None:
+        _check_room(self.batcher, n)
+
+    def hold(self) -> contextlib.AbstractContextManager[Hold]:
+        """The request's share of the memory budget, given back when the request ends."""
+        return self.budget.hold(self.batcher.retry_after_s)
+
+    async def read_body(self, request: Request, limit: int, hold: Hold) -> bytes:
+        """The raw body, up to `limit` bytes (413 beyond), each chunk reserved twice in the
+        budget as it arrives: once as bytes, once as the string a JSON parser makes of it."""
+        raw = bytearray()
+        async for chunk in request.stream():
+            if len(raw) + len(chunk) > limit:
+                raise Rejected(413, f"request body larger than {limit:,} bytes")
+            hold.take(2 * len(chunk), "request", "its body")
+            raw += chunk
+        return bytes(raw)
+
+    async def download(self, url: str, name: str, hold: Hold) -> bytes:
+        """A data: URL's bytes, or an http(s) URL's under the server's URL policy."""
+        return await _download(url, self.settings, hold, name)
+
+    async def decode(self, named: Sequence[tuple[str, bytes]], hold: Hold) -> list[Image.Image]:
+        uploads = [Upload("file", name, data) for name, data in named]
+        return await _decode_all(uploads, self.settings.max_pixels, hold)
+
+    async def caption(
+        self,
+        request: Request,
+        images: list[Image.Image],
+        decoding: DecodingOptions,
+        names: Sequence[str],
+    ) -> list[Caption]:
+        """One caption per image through the batcher; cancelled if the client leaves."""
+        work = _caption_all(self.batcher, images, decoding, names)
+        return await _unless_client_leaves(request, work)
 
 
 # ---- POST /caption, step by step ----
@@ -582,17 +665,22 @@ def _decoding(values: Mapping[str, Any]) -> DecodingOptions:
         raise Rejected(422, f"invalid request: {err}") from None
 
 
-async def _download(url: str, settings: ServerSettings, hold: Hold) -> bytes:
+async def _download(
+    url: str, settings: ServerSettings, hold: Hold, name: str | None = None
+) -> bytes:
     """The bytes behind a data: URL (413 above the upload limit, 422 if malformed) or, when
-    the server fetches URLs, an http(s) URL (one answer for every failure: 422)."""
+    the server fetches URLs, an http(s) URL (one answer for every failure: 422). `name` is how
+    messages call the image (default: the URL, shortened)."""
     max_bytes = settings.max_upload_bytes
     if url.startswith("data:"):
         try:
+            if len(url) * 3 // 4 <= max_bytes + 3:  # larger ones are refused before decoding
+                hold.take(len(url) * 3 // 4, name or "data: URL", "its bytes")
             return fetch.decode_data_url(url, max_bytes)
         except fetch.TooLargeError as err:
-            raise Rejected(413, str(err)) from None
+            raise Rejected(413, f"{name}: {err.reason}" if name else str(err)) from None
         except BadImageError as err:
-            raise Rejected(422, str(err)) from None
+            raise Rejected(422, f"{name}: {err.reason}" if name else str(err)) from None
     try:
         fetch.check_url(url)
     except BadImageError as err:
@@ -602,13 +690,14 @@ async def _download(url: str, settings: ServerSettings, hold: Hold) -> bytes:
             403,
             "this server does not fetch URLs: upload the image, or send it as a data: URL",
         )
-    hold.take(max_bytes, fetch.short(url), "its download")
+    name = name or fetch.short(url)
+    hold.take(max_bytes, name, "its download")
     policy = fetch.UrlPolicy(max_bytes=max_bytes)
     try:
         return await fetch.fetch_async(url, policy=policy)
     except BadImageError as err:  # the reason stays in the log: callers must not map the network
         log.info("URL fetch failed: %s", err)
-        raise Rejected(422, f"{fetch.short(url)}: {fetch.GENERIC_ERROR}") from None
+        raise Rejected(422, f"{name}: {fetch.GENERIC_ERROR}") from None
 
 
 async def _decode_all(
@@ -690,20 +779,20 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _caption_all(
-    batcher: Batcher, images: list[Image.Image], body: CaptionRequest
+    batcher: Batcher, images: list[Image.Image], decoding: DecodingOptions, names: Sequence[str]
 ) -> list[Caption]:
     """One caption per image, through the batcher; the first failure answers the request."""
     try:
-        results = await batcher.submit_many(images, body.decoding)
+        results = await batcher.submit_many(images, decoding)
     except QueueFullError as err:  # nothing was queued
         raise Rejected(
             503, f"server busy: {err}; retry later", retry_after=batcher.retry_after_s()
         ) from None
-    for upload, result in zip(body.uploads, results, strict=True):
+    for name, result in zip(names, results, strict=True):
         if isinstance(result, CaptionerError):
-            raise Rejected(422, f"{upload.name}: {result}")
+            raise Rejected(422, f"{name}: {result}")
         if isinstance(result, BaseException):
-            raise Rejected(500, f"{upload.name}: captioning failed ({type(result).__name__})")
+            raise Rejected(500, f"{name}: captioning failed ({type(result).__name__})")
     return results
 
 
@@ -741,10 +830,10 @@ class RequestGuard:
         if self.hosts is not None:
             host = _host_name(headers.get(b"host", b"").decode("latin-1"))
             if host not in self.hosts:
-                return await self._reply(send, 400, "Host header not allowed by this server")
+                return await self._reply(scope, send, 400, "Host header not allowed by this server")
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reply(send, 413, self._too_large(int(length)))
+            return await self._reply(scope, send, 413, self._too_large(int(length)))
         seen, started, body_done = 0, False, False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.body_timeout_s
@@ -774,13 +863,16 @@ class RequestGuard:
             await self.app(scope, guarded_receive, tracking_send)
         except self._Stop as stop:
             if not started:
-                await self._reply(send, stop.status, stop.detail)
+                await self._reply(scope, send, stop.status, stop.detail)
 
     def _too_large(self, size: int) -> str:
         return f"request body too large ({size:,}+ bytes > limit {self.limit:,})"
 
-    async def _reply(self, send: Any, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
+    async def _reply(self, scope: dict, send: Any, status: int, detail: str) -> None:
+        if openai.is_openai_path(scope.get("path", "")):
+            body = json.dumps(openai.error_body(status, detail)).encode()
+        else:
+            body = json.dumps({"detail": detail}).encode()
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

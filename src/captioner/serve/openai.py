@@ -1,0 +1,566 @@
+"""The OpenAI-compatible API: the chat-completions convention that vLLM and TGI use for vision
+models, so tools written for them caption through captioner unchanged.
+
+    POST /v1/chat/completions   `messages` whose user content holds one image part
+          {"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}} and
+          optionally text parts (the caption prompt); max_tokens, temperature, top_p, n, stop,
+          stream -> a chat.completion (or server-sent chat.completion.chunk events, then [DONE])
+    GET  /v1/models             the one model this server serves
+    GET  /v1/models/{id}
+
+How the fields map onto `DecodingOptions`: `max_tokens` (or `max_completion_tokens`) is
+`max_new_tokens`; `temperature` > 0 samples at that temperature (with `top_p`), while 0 or no
+temperature decodes greedily, as `captioner caption` does (OpenAI's own default is to sample: a
+captioner's default is its best caption); `n` > 1 is `num_return_sequences`, sampled or, when
+greedy, the `n` best beams. The text parts of the message holding the image are the caption
+prompt: for GIT, BLIP and VisionEncoderDecoder models it is the start of the caption and stays in
+the answer, as with `captioner caption --prompt`. Text in other messages (a system prompt,
+earlier turns) cannot steer a captioner and is not used. `stop` cuts the captions after
+generation. Other parameters are accepted only at their neutral value (a 400 names the first one
+that is not).
+
+Streaming is honest about what it is: the caption is generated through the same batcher as
+`/caption` (so streamed and plain answers are the same caption), then sent as one chunk per
+token (the tokenizer's pieces of it). The first chunk therefore arrives when the whole caption
+is ready; what streaming buys here is compatibility, not a lower time to first token.
+
+Limits, the API key (`Authorization: Bearer`), the memory budget, URL policy and dynamic batching
+are those of `/caption`: this module parses and answers; every step that reads, decodes or
+captions an image is the server's `Pipeline` (serve/app.py). Every error is OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from captioner.decoding import BOUNDS, DecodingOptions
+from captioner.errors import CaptionerError
+
+PREFIX = "/v1/"
+# Parameters a client may send with any value: they only label the request.
+IGNORED = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls"})
+MAX_STOP = 4
+MAX_MESSAGES = 64
+# (type, code) of an error answer by status, where the raiser gives no code of its own.
+ERROR_KINDS = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "url_fetch_disabled"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "invalid_image_format"),
+    422: ("invalid_request_error", "invalid_image"),
+    503: ("server_error", "server_busy"),
+}
+
+
+class Hold(Protocol):
+    """One request's share of the server's memory budget."""
+
+    def take(self, n: int, name: str, what: str) -> None: ...
+
+
+class Pipeline(Protocol):
+    """The server's steps from a request to its captions (serve/app.py), shared with /caption.
+
+    Each raises the server's own rejection (a 4xx/503 answer) on failure; the app answers it in
+    OpenAI's shape on this module's paths."""
+
+    model_name: str
+    max_image_json_bytes: int  # the largest JSON body: one full-size image as a data: URL
+
+    def check_key(self, request: Request) -> None: ...
+
+    def check_room(self, n: int) -> None: ...
+
+    def hold(self) -> AbstractContextManager[Hold]: ...
+
+    async def read_body(self, request: Request, limit: int, hold: Hold) -> bytes: ...
+
+    async def download(self, url: str, name: str, hold: Hold) -> bytes: ...
+
+    async def decode(self, named: Sequence[tuple[str, bytes]], hold: Hold) -> list[Image.Image]: ...
+
+    async def caption(
+        self,
+        request: Request,
+        images: list[Image.Image],
+        decoding: DecodingOptions,
+        names: Sequence[str],
+    ) -> list[Any]: ...
+
+
+class OpenAIError(Exception):
+    """A request answered with OpenAI's error shape."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@dataclass
+class ChatRequest:
+    """A chat-completions body, checked: the one image, how to decode, how to answer."""
+
+    url: str
+    decoding: DecodingOptions
+    stream: bool
+    include_usage: bool
+    stop: list[str]
+
+    @property
+    def image_name(self) -> str:
+        if self.url.startswith("data:"):
+            return "image_url"
+        return self.url if len(self.url) <= 80 else self.url[:77] + "..."
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(PREFIX)
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind, default_code = ERROR_KINDS.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None)
+    )
+    return {
+        "error": {"message": message, "type": kind, "param": param, "code": code or default_code}
+    }
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status, headers=headers)
+
+
+def add_routes(app: FastAPI, pipeline: Pipeline, tokenizer: Any = None) -> None:
+    """Register the /v1 routes on `app`. `tokenizer` (the model's, when it has one) cuts
+    streamed captions into token pieces and counts usage; without one, words are the pieces."""
+    created = int(time.time())
+    app.add_exception_handler(OpenAIError, _answer_error)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        pipeline.check_key(request)
+        return {"object": "list", "data": [_model_card(pipeline.model_name, created)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        pipeline.check_key(request)
+        if model_id != pipeline.model_name:
+            raise OpenAIError(404, f"model '{model_id}' not found", "model", "model_not_found")
+        return _model_card(pipeline.model_name, created)
+
+    @app.post("/v1/chat/completions", openapi_extra=_chat_openapi())
+    async def chat_completions(request: Request) -> Any:
+        pipeline.check_key(request)
+        pipeline.check_room(1)
+        with pipeline.hold() as hold:
+            raw = await pipeline.read_body(request, pipeline.max_image_json_bytes, hold)
+            chat = parse_chat(raw, pipeline.model_name)
+            data = await pipeline.download(chat.url, chat.image_name, hold)
+            images = await pipeline.decode([(chat.image_name, data)], hold)
+            [result] = await pipeline.caption(request, images, chat.decoding, [chat.image_name])
+        captions = result if isinstance(result, list) else [result]
+        captions = [_cut_at_stop(c, chat.stop) for c in captions]
+        usage = _usage(tokenizer, chat.decoding, captions)
+        answer = _Answer(pipeline.model_name, chat, captions, usage)
+        if chat.stream:
+            pieces = await run_in_threadpool(lambda: [token_pieces(c, tokenizer) for c in captions])
+            return StreamingResponse(
+                answer.events(pieces),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return answer.completion()
+
+
+# ---- the request ----
+
+
+def parse_chat(raw: bytes, model_name: str) -> ChatRequest:
+    """The JSON body of POST /v1/chat/completions -> a ChatRequest, or OpenAIError (400, or 404
+    for another model)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError too
+        raise OpenAIError(400, f"malformed JSON body: {type(err).__name__}") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the JSON body must be an object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise OpenAIError(400, "model: required (GET /v1/models lists it)", "model")
+    if model != model_name:
+        raise OpenAIError(
+            404,
+            f"model '{model[:100]}' not found: this server serves '{model_name}'",
+            "model",
+            "model_not_found",
+        )
+    _check_unsupported(body)
+    url, prompt = _image_and_prompt(body.get("messages"))
+    stream = _optional(body, "stream", bool, False)
+    stream_options = _optional(body, "stream_options", dict, None) or {}
+    include_usage = stream_options.get("include_usage") is True
+    return ChatRequest(url, _decoding(body, prompt), stream, include_usage, _stop(body))
+
+
+def _optional(body: dict, name: str, kind: type, default: Any) -> Any:
+    """`body[name]` if it is a `kind` (an int is a float too; a bool is no number), else 400."""
+    value = body.get(name)
+    if value is None:
+        return default
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is float:
+        ok = number and math.isfinite(value)
+    elif kind is int:
+        ok = number and isinstance(value, int)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise OpenAIError(400, f"{name}: expected {kind.__name__}, got {str(value)[:50]}", name)
+    return float(value) if kind is float else value
+
+
+def _in_range(name: str, value: Any, low: float, high: float, open_low: bool = False) -> None:
+    if value is not None and not ((value > low if open_low else value >= low) and value <= high):
+        lower = ">" if open_low else ">="
+        raise OpenAIError(400, f"{name} must be {lower} {low:g} and <= {high:g}, got {value}", name)
+
+
+def _check_unsupported(body: dict) -> None:
+    known = {
+        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+        "stream", "stream_options", "stop",
+    }  # fmt: skip
+    for name, value in body.items():
+        if name in known or name in IGNORED or value in (None, False, 0, [], {}):
+            continue
+        if name == "response_format" and value == {"type": "text"}:
+            continue
+        raise OpenAIError(
+            400, f"unsupported parameter: {name[:60]} (a captioner cannot honour it)", name[:60]
+        )
+
+
+def _image_and_prompt(messages: Any) -> tuple[str, str | None]:
+    """The one image URL among the user messages, and the text beside it (the prompt)."""
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIError(400, "messages: required, a non-empty list", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise OpenAIError(400, f"messages: at most {MAX_MESSAGES}", "messages")
+    found: list[tuple[str, list[str]]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise OpenAIError(400, f"{where}: must be an object with a role", "messages")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise OpenAIError(400, f"{where}.content: a string or a list of parts", "messages")
+        urls, texts = _parts(content, where)
+        if urls and message["role"] != "user":
+            raise OpenAIError(400, f"{where}: images belong in user messages", "messages")
+        found += [(url, texts) for url in urls]
+    if not found:
+        raise OpenAIError(
+            400,
+            'no image: add a user content part {"type": "image_url", "image_url": {"url": '
+            '"data:image/...;base64,..."}}',
+            "messages",
+            "missing_image",
+        )
+    if len(found) > 1:
+        raise OpenAIError(
+            400, f"{len(found)} images: one image per request", "messages", "too_many_images"
+        )
+    url, texts = found[0]
+    prompt = " ".join(" ".join(texts).split())
+    return url, prompt or None
+
+
+def _parts(content: list, where: str) -> tuple[list[str], list[str]]:
+    urls, texts = [], []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise OpenAIError(400, f"{where}.content[{j}].image_url.url: required", "messages")
+            urls.append(_check_url(url))
+        else:
+            raise OpenAIError(
+                400,
+                f"{where}.content[{j}]: unsupported part (use text and image_url parts)",
+                "messages",
+            )
+    return urls, texts
+
+
+def _check_url(url: str) -> str:
+    """data: URLs must say they hold an image; http(s) URLs go to the server's URL policy."""
+    if url.startswith("data:"):
+        media = url[5:].split(",", 1)[0].split(";", 1)[0].strip().lower()
+        if not media.startswith("image/"):
+            raise OpenAIError(
+                415,
+                f"image_url: a data: URL of '{media[:40] or 'no type'}', not an image "
+                "(data:image/png;base64,...)",
+                "messages",
+                "invalid_image_format",
+            )
+    return url
+
+
+def _decoding(body: dict, prompt: str | None) -> DecodingOptions:
+    """OpenAI's sampling fields -> DecodingOptions, each checked under its own name."""
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _optional(body, name, int, None)
+    temperature = _optional(body, "temperature", float, None)
+    top_p = _optional(body, "top_p", float, None)
+    n = _optional(body, "n", int, 1)
+    _in_range(name, max_tokens, 1, BOUNDS["max_new_tokens"][1])
+    _in_range("temperature", temperature, 0, BOUNDS["temperature"][1])
+    _in_range("top_p", top_p, 0, 1, open_low=True)
+    _in_range("n", n, 1, min(BOUNDS["num_return_sequences"][1], BOUNDS["num_beams"][1]))
+    options: dict[str, Any] = {"prompt": prompt}
+    if max_tokens is not None:
+        options["max_new_tokens"] = max_tokens
+    # absent temperature with top_p < 1 asks for nucleus sampling; temperature 0 is greedy
+    sample = (temperature or 0) > 0 or (temperature is None and top_p is not None and top_p < 1)
+    if sample:
+        options["do_sample"] = True
+        if temperature is not None and temperature != 1:
+            options["temperature"] = temperature
+        if top_p is not None and top_p < 1:
+            options["top_p"] = top_p
+    if n != 1:
+        options["num_return_sequences"] = n
+        if not sample:  # greedy has one answer: n answers are the n best beams
+            options["num_beams"] = n
+    try:
+        return DecodingOptions(**options)
+    except CaptionerError as err:  # what is left to fail is the prompt (the text part)
+        raise OpenAIError(400, str(err).replace("--prompt", "prompt text"), "messages") from None
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise OpenAIError(400, "stop: a string or a list of non-empty strings", "stop")
+    if len(stops) > MAX_STOP:
+        raise OpenAIError(400, f"stop: at most {MAX_STOP} strings", "stop")
+    return stops
+
+
+def _cut_at_stop(caption: str, stops: list[str]) -> str:
+    cuts = [caption.find(s) for s in stops if s in caption]
+    return caption[: min(cuts)] if cuts else caption
+
+
+# ---- the answer ----
+
+
+def token_pieces(text: str, tokenizer: Any = None) -> list[str]:
+    """`text` cut after each of its tokens (leading spaces stay with the next token, as OpenAI's
+    pieces have them): the pieces join to exactly `text`. Cuts come from the tokenizer's
+    character offsets; without a tokenizer that gives them, words are the pieces."""
+    if not text:
+        return []
+    ends: list[int] = []
+    if tokenizer is not None:
+        try:
+            spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ends = sorted({end for start, end in spans["offset_mapping"] if end > start})
+        except (NotImplementedError, ValueError, TypeError, KeyError):
+            ends = []
+    if not ends:
+        return re.findall(r"\s*\S+\s*$|\s*\S+", text) or [text]
+    cuts = [0, *(e for e in ends if 0 < e < len(text)), len(text)]
+    return [text[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def _count(tokenizer: Any, text: str | None) -> int:
+    if not text:
+        return 0
+    if tokenizer is None:
+        return len(text.split())
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _usage(tokenizer: Any, decoding: DecodingOptions, captions: list[str]) -> dict[str, Any]:
+    """Token counts, by re-tokenizing the answer (the generated ids are not kept); the prompt
+    is part of the caption for these families, so its tokens are not counted as completion."""
+    prompt = _count(tokenizer, decoding.prompt)
+    completion = [max(0, _count(tokenizer, c) - prompt) for c in captions]
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": sum(completion),
+        "total_tokens": prompt + sum(completion),
+        "per_choice": completion,
+    }
+
+
+class _Answer:
+    """One request's captions as a chat.completion, or as chunks."""
+
+    def __init__(
+        self, model: str, chat: ChatRequest, captions: list[str], usage: dict[str, Any]
+    ) -> None:
+        self.model, self.chat, self.captions = model, chat, captions
+        self.per_choice = usage.pop("per_choice")
+        self.usage = usage
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def finish_reason(self, i: int) -> str:
+        # from the re-tokenized length: a caption as long as max_tokens was most likely cut
+        return "length" if self.per_choice[i] >= self.chat.decoding.max_new_tokens else "stop"
+
+    def completion(self) -> dict[str, Any]:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": self.finish_reason(i),
+            }
+            for i, text in enumerate(self.captions)
+        ]
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage,
+            "system_fingerprint": None,
+        }
+
+    async def events(self, pieces: list[list[str]]) -> AsyncIterator[bytes]:
+        for i, parts in enumerate(pieces):
+            yield self._chunk([self._delta(i, {"role": "assistant", "content": ""})])
+            for part in parts:
+                yield self._chunk([self._delta(i, {"content": part})])
+            yield self._chunk([self._delta(i, {}, self.finish_reason(i))])
+        if self.chat.include_usage:
+            yield self._chunk([], usage=self.usage)
+        yield b"data: [DONE]\n\n"
+
+    def _delta(self, i: int, delta: dict, finish: str | None = None) -> dict[str, Any]:
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.chat.include_usage:
+            chunk["usage"] = usage
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def _model_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "captioner"}
+
+
+async def _answer_error(request: Request, err: OpenAIError) -> JSONResponse:
+    return error_response(err.status, err.message, param=err.param, code=err.code)
+
+
+def _chat_openapi() -> dict[str, Any]:
+    part = {
+        "type": "object",
+        "description": 'a {"type": "text", "text": ...} or {"type": "image_url", "image_url": '
+        '{"url": "data:image/...;base64,..."}} part',
+    }
+    message = {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]},
+        },
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["model", "messages"],
+                        "properties": {
+                            "model": {"type": "string", "description": "GET /v1/models"},
+                            "messages": {"type": "array", "items": message},
+                            "max_tokens": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": BOUNDS["max_new_tokens"][1],
+                            },
+                            "temperature": {
+                                "type": "number",
+                                "minimum": 0,
+                                "maximum": BOUNDS["temperature"][1],
+                                "description": "0 or absent: greedy; > 0: sampled",
+                            },
+                            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                            "n": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": BOUNDS["num_beams"][1],
+                            },
+                            "stop": {"type": ["string", "array"]},
+                            "stream": {"type": "boolean"},
+                        },
+                    }
+                }
+            },
+        },
+        "responses": {
+            "400": {"description": "malformed request, no image, two images, bad option"},
+            "401": {"description": "missing or wrong API key (Authorization: Bearer)"},
+            "403": {"description": "an http(s) image URL, and this server does not fetch URLs"},
+            "404": {"description": "another model than the one served"},
+            "413": {"description": "image or body larger than the byte limit"},
+            "415": {"description": "not an image, or an unsupported format"},
+            "422": {"description": "too many pixels or a broken image"},
+            "503": {"description": "busy (queue or image memory full); see Retry-After"},
+        },
+    }
