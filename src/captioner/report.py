@@ -103,7 +103,8 @@ def plot_curves(
         if steps:
             loss_ax.plot(steps, values, marker="." if key == "eval_loss" else None, label=label)
     loss_ax.set(xlabel="step", ylabel="loss", title="loss")
-    loss_ax.legend(loc="upper right")
+    if loss_ax.get_legend_handles_labels()[0]:  # a run too short to log a loss has none
+        loss_ax.legend(loc="upper right")
     if shown:
         ax = axes[0][1]
         for m in shown:
