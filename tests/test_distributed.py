@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from captioner.checkpoints import last_complete_checkpoint
 
-ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "-m", "captioner"]  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
+# accelerate's own --cpu starts a single process on a machine without GPUs; the DDP config file
+# starts two, and captioner switches the Trainer to gloo on CPUs by itself.
+ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+              str(ROOT / "examples" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+              "--mixed_precision", "no", "-m", "captioner"]  # fmt: skip
 ONE = [sys.executable, "-m", "captioner"]
 COMMON = ["--max_new_tokens", "8", "--logging_steps", "1", "--test_size", "0.125",
           "--dataloader_num_workers", "0", "--max_eval_samples", "6"]  # fmt: skip
@@ -63,6 +66,8 @@ def test_two_processes_write_once_and_match_one_process(scenes, tmp_path, env):
     run([*ONE, *flags, "--output_dir", str(one), "--per_device_train_batch_size", "8"], env)
 
     assert two_run.stderr.count("built GIT") == 1  # one process built the preset
+    epochs = [json.loads((o / "trainer_state.json").read_text())["epoch"] for o in (two, one)]
+    assert epochs[0] == pytest.approx(epochs[1])  # 2 x 4 really was a global batch of 8
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     # the same global batch of 8: the loss curves agree (dropout masks differ per process)
     a, b = losses(two), losses(one)
@@ -95,7 +100,12 @@ def test_killed_two_process_run_resumes(scenes, tmp_path, env):
             assert time.monotonic() < deadline, "no checkpoint written in time"
             time.sleep(0.2)
         time.sleep(0.5)  # let the checkpoint's last file land
-        os.killpg(first.pid, signal.SIGKILL)
+        # the launcher starts its workers in sessions of their own: kill every one of them
+        for process in [*psutil.Process(first.pid).children(recursive=True), first]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
     finally:
         first.wait(timeout=30)
     checkpoint = Path(last_complete_checkpoint(out))

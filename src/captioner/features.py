@@ -4,7 +4,7 @@ With the vision tower frozen, its output for an image never changes, so running 
 is wasted work (most of a composed captioner's FLOPs on a CPU). `FeatureCache.fill` runs the
 encoder once per image, in batches, and stores `last_hidden_state` in safetensors shards under
 
-    <root>/<fingerprint>/shard-XXXXX.safetensors     keys: sha1 of the image file's bytes
+    <root>/<fingerprint>/shard-<uuid>.safetensors     keys: sha1 of the image file's bytes
 
 where the fingerprint hashes the encoder's class, config and weights and the image processor's
 config: a different encoder, layer cut or image size gets its own folder, and a later run with
@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,8 @@ class FeatureCache:
             )
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
-        shard = (
-            self.dir / f"shard-{len(list(self.dir.glob('shard-*.safetensors'))):05d}.safetensors"
-        )
+        # a unique name: processes on several machines may fill one shared cache at once
+        shard = self.dir / f"shard-{uuid.uuid4().hex}.safetensors"
         tmp = shard.with_name(f".{shard.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, shard)

@@ -170,6 +170,10 @@ class CaptionTrainingArguments(TrainingArguments):
         if self.greater_is_better is None:
             self.greater_is_better = metric not in LOWER_IS_BETTER
         if not torch.cuda.is_available():
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # Several processes and no GPU (accelerate launch / torchrun on CPUs): gloo. Else
+                # each process would train on its own, all writing into one folder.
+                self.use_cpu = True
             if self.fp16:
                 log.warning("fp16 needs a CUDA GPU; none here, so training runs in fp32")
                 self.fp16 = False
@@ -297,12 +301,12 @@ def train(
         raise CaptionerError("no eval split (test_size=0): pass --eval_strategy no")
     # 3. A preset or composition: a tokenizer trained on the training captions; what is not a
     #    pretrained part starts random.
-    #    With several processes, one per machine builds and the others wait, then load it.
+    #    With several processes, the first builds it and the others wait, then load it.
     if model is None:
         preset_dir = out / "preset"
-        with training_args.main_process_first(desc="building the model"):
+        with training_args.main_process_first(local=False, desc="building the model"):
             fresh = not (training_args.resume and (preset_dir / "config.json").exists())
-            if fresh and training_args.local_process_index == 0:
+            if fresh and training_args.process_index == 0:  # one writer, output_dir is shared
                 captions = [c for caps in train_ds["captions"] for c in caps]
                 build_preset(model_args.model, captions, preset_dir, seed=seed)
         model, processor = load_model(preset_dir)
