@@ -425,6 +425,9 @@ def caption_command(
     num_workers: int | None = typer.Option(
         None, "--num_workers", help="Ray actors, each holding one model (default: CPUs / 2)."
     ),
+    gpus_per_worker: float = typer.Option(
+        0.0, "--gpus_per_worker", help="Ray: GPUs per actor (e.g. 1, or 0.5 for two per GPU)."
+    ),
     decoding: DecodingOptions = None,  # type: ignore[assignment]
 ) -> None:
     """Caption images into JSONL/CSV rows {"image", "caption"} or sidecar .txt files.
@@ -442,7 +445,8 @@ def caption_command(
         raise CaptionerError(f"--engine must be local or ray, not {engine!r}")
     if engine == "ray":
         summary = _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size,
-                                  decoding, resume, device, trust_remote_code)  # fmt: skip
+                                  decoding, resume, device, trust_remote_code,
+                                  gpus_per_worker)  # fmt: skip
         _print_caption_summary(summary)
         return
     summary = caption_files(
@@ -468,7 +472,7 @@ def caption_command(
 
 
 def _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size, decoding,
-                    resume, device, trust_remote_code):  # fmt: skip
+                    resume, device, trust_remote_code, gpus_per_worker):  # fmt: skip
     try:
         from captioner.jobs.ray_caption import RayJob, caption_with_ray
     except ImportError as err:
@@ -480,7 +484,7 @@ def _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size,
         raise CaptionerError("--engine ray needs --output FOLDER (JSONL shards are written there)")
     job = RayJob(model, list(inputs), output, ray_address=ray_address, num_workers=num_workers,
                  batch_size=batch_size or 32, decoding=decoding, resume=resume, device=device,
-                 trust_remote_code=trust_remote_code)  # fmt: skip
+                 trust_remote_code=trust_remote_code, gpus_per_worker=gpus_per_worker)  # fmt: skip
     return caption_with_ray(job)
 
 

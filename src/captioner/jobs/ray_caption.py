@@ -41,6 +41,7 @@ class RayJob:
     output_dir: str
     ray_address: str | None = None
     num_workers: int | None = None  # actors; default: one per 2 CPUs of the cluster (>= 1)
+    gpus_per_worker: float = 0.0  # > 0 on a GPU cluster: Ray hides GPUs from actors otherwise
     batch_size: int = 32
     decoding: DecodingOptions | None = None
     resume: bool = False
@@ -112,6 +113,7 @@ def caption_with_ray(job: RayJob) -> CaptionSummary:
             batch_size=job.batch_size,
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads,
+            num_gpus=job.gpus_per_worker or None,
             batch_format="numpy",
         )
         for batch in captioned.iter_batches(batch_size=None, batch_format="numpy"):
