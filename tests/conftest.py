@@ -99,3 +99,22 @@ def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory) -> Path:
+    """A tiny random DINOv2 with its image processor, saved like a Hub model."""
+    import torch
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    out = tmp_path_factory.mktemp("tiny_dinov2")
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        patch_size=8, image_size=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(out)
+    BitImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+    ).save_pretrained(out)
+    return out

@@ -37,27 +37,9 @@ def scenes(tmp_path_factory) -> Path:
     return generate_scenes(tmp_path_factory.mktemp("scenes") / "data", n=32, seed=2)
 
 
-@pytest.fixture(scope="module")
-def vision_dir(tmp_path_factory) -> Path:
-    """A tiny random DINOv2 with its image processor, saved like a Hub model."""
-    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
-
-    out = tmp_path_factory.mktemp("tiny_dinov2")
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-        patch_size=8, image_size=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    Dinov2Model(config).save_pretrained(out)
-    BitImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
-    ).save_pretrained(out)
-    return out
-
-
-def spec_for(vision_dir: Path, **extra: object) -> str:
+def spec_for(tiny_dinov2_dir: Path, **extra: object) -> str:
     items = {
-        "vision": str(vision_dir), "text": "scratch", "vision_layers": 2,
+        "vision": str(tiny_dinov2_dir), "text": "scratch", "vision_layers": 2,
         "decoder_hidden_size": 32, "decoder_layers": 1, "decoder_heads": 2, **extra,
     }  # fmt: skip
     return ",".join(f"{k}={v}" for k, v in items.items())
@@ -74,19 +56,23 @@ def test_spec_parsing_names_the_bad_key():
         CompositeSpec.parse("text=scratch")
 
 
-def test_compose_cuts_layers_and_saves_a_plain_transformers_folder(vision_dir, tmp_path):
-    out = build_preset(spec_for(vision_dir), ["a red circle on a blue background"] * 3, tmp_path)
+def test_compose_cuts_layers_and_saves_a_plain_transformers_folder(tiny_dinov2_dir, tmp_path):
+    out = build_preset(
+        spec_for(tiny_dinov2_dir), ["a red circle on a blue background"] * 3, tmp_path
+    )
     model, processor = load_model(out)
     assert model.config.model_type == "vision-encoder-decoder"
     assert model.config.encoder.num_hidden_layers == 2  # cut from 3
     assert "red" in processor.tokenizer.get_vocab() and len(processor.tokenizer) < 100
     assert model.generation_config.decoder_start_token_id == processor.tokenizer.cls_token_id
     with pytest.raises(CaptionerError, match="vision_layers=9"):
-        build_preset(spec_for(vision_dir, vision_layers=9), ["a caption"], tmp_path / "x")
+        build_preset(spec_for(tiny_dinov2_dir, vision_layers=9), ["a caption"], tmp_path / "x")
 
 
-def test_cached_features_give_the_same_loss_as_pixels(vision_dir, scenes, tmp_path):
-    model, processor = load_model(build_preset(spec_for(vision_dir), ["a b c"], tmp_path / "m"))
+def test_cached_features_give_the_same_loss_as_pixels(tiny_dinov2_dir, scenes, tmp_path):
+    model, processor = load_model(
+        build_preset(spec_for(tiny_dinov2_dir), ["a b c"], tmp_path / "m")
+    )
     model.eval()
     rows = [{"image": image, "captions": ["a red circle"]} for image in ImageColumn(
         load_captions(scenes, test_size=0)["train"].select(range(6)))]  # fmt: skip
@@ -112,8 +98,8 @@ def test_cached_features_give_the_same_loss_as_pixels(vision_dir, scenes, tmp_pa
         ).fill([r["image"] for r in rows])
 
 
-def test_labels_skip_the_start_token_the_decoder_is_given(vision_dir, tmp_path):
-    _, processor = load_model(build_preset(spec_for(vision_dir), ["a red circle"], tmp_path))
+def test_labels_skip_the_start_token_the_decoder_is_given(tiny_dinov2_dir, tmp_path):
+    _, processor = load_model(build_preset(spec_for(tiny_dinov2_dir), ["a red circle"], tmp_path))
     from PIL import Image
 
     batch = CaptionCollator(processor, labels_only=True)(
@@ -125,10 +111,10 @@ def test_labels_skip_the_start_token_the_decoder_is_given(vision_dir, tmp_path):
 
 @pytest.mark.slow
 def test_composed_model_trains_on_cached_features_reloads_and_captions(
-    vision_dir, scenes, tmp_path
+    tiny_dinov2_dir, scenes, tmp_path
 ):
     out = tmp_path / "run"
-    args = parse_train_args(["--model", spec_for(vision_dir), "--data", str(scenes),
+    args = parse_train_args(["--model", spec_for(tiny_dinov2_dir), "--data", str(scenes),
                              "--output_dir", str(out), "--max_steps", "4", "--eval_strategy",
                              "steps", "--eval_steps", "2", "--feature_cache",
                              str(tmp_path / "features"), *FAST])  # fmt: skip
@@ -197,8 +183,8 @@ def _blip_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["blip", "vision-encoder-decoder"])
-def test_blip_and_ved_train_and_resume(family, vision_dir, scenes, tmp_path):
-    model = str(_blip_dir(tmp_path)) if family == "blip" else spec_for(vision_dir)
+def test_blip_and_ved_train_and_resume(family, tiny_dinov2_dir, scenes, tmp_path):
+    model = str(_blip_dir(tmp_path)) if family == "blip" else spec_for(tiny_dinov2_dir)
     out = tmp_path / "run"
     flags = ["--model", model, "--data", str(scenes), "--output_dir", str(out),
              "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "2",

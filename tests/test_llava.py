@@ -35,24 +35,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 N_IMAGE_TOKENS = 17  # 32 px / 8 px patches = 16, + CLS ("full")
 
 
-@pytest.fixture(scope="module")
-def vision_dir(tmp_path_factory) -> Path:
-    """A tiny random DINOv2 with its image processor, saved like a Hub model."""
-    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
-
-    out = tmp_path_factory.mktemp("tiny_dinov2")
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-        patch_size=8, image_size=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    Dinov2Model(config).save_pretrained(out)
-    BitImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
-    ).save_pretrained(out)
-    return out
-
-
 def _byte_level_tokenizer():
     """A SmolLM2-shaped tokenizer: byte-level BPE trained on the tiny captions, BOS prepended,
     no token_type_ids."""
@@ -103,14 +85,14 @@ def lm_dir(tmp_path_factory) -> Path:
     return out
 
 
-def spec_for(vision_dir: Path, lm_dir: Path, **extra: object) -> str:
-    items = {"vision": vision_dir, "text": lm_dir, "vision_layers": 2, **extra}
+def spec_for(tiny_dinov2_dir: Path, lm_dir: Path, **extra: object) -> str:
+    items = {"vision": tiny_dinov2_dir, "text": lm_dir, "vision_layers": 2, **extra}
     return ",".join(f"{k}={v}" for k, v in items.items())
 
 
 @pytest.fixture(scope="module")
-def llava_dir(vision_dir, lm_dir, tmp_path_factory) -> Path:
-    return build_preset(spec_for(vision_dir, lm_dir), [], tmp_path_factory.mktemp("llava"))
+def llava_dir(tiny_dinov2_dir, lm_dir, tmp_path_factory) -> Path:
+    return build_preset(spec_for(tiny_dinov2_dir, lm_dir), [], tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture(scope="module")
@@ -118,24 +100,24 @@ def images(tmp_path_factory) -> list[Path]:
     return make_images(tmp_path_factory.mktemp("llava_images"), 6)
 
 
-def test_decoder_only_lm_picks_llava_and_cross_attention_decoders_stay_ved(vision_dir, lm_dir):
+def test_decoder_only_lm_picks_llava_and_cross_attention_decoders_stay_ved(tiny_dinov2_dir, lm_dir):
     from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     assert is_decoder_only(LlamaConfig()) and is_decoder_only(Qwen2Config())
     assert not is_decoder_only(BertConfig()) and not is_decoder_only(GPT2Config())
-    assert composite_family(CompositeSpec.parse(spec_for(vision_dir, lm_dir))) == LLAVA
-    assert composite_family(CompositeSpec.parse(f"vision={vision_dir},text=scratch")) == VED
+    assert composite_family(CompositeSpec.parse(spec_for(tiny_dinov2_dir, lm_dir))) == LLAVA
+    assert composite_family(CompositeSpec.parse(f"vision={tiny_dinov2_dir},text=scratch")) == VED
     with pytest.raises(CaptionerError, match="no cross-attention.*family=llava"):
-        composite_family(CompositeSpec.parse(spec_for(vision_dir, lm_dir, family=VED)))
+        composite_family(CompositeSpec.parse(spec_for(tiny_dinov2_dir, lm_dir, family=VED)))
     with pytest.raises(CaptionerError, match="needs text=a decoder-only LM"):
-        composite_family(CompositeSpec.parse(f"vision={vision_dir},text=scratch,family=llava"))
+        composite_family(CompositeSpec.parse(f"vision={tiny_dinov2_dir},text=scratch,family=llava"))
     with pytest.raises(CaptionerError, match="unknown composite family"):
-        composite_family(CompositeSpec.parse(spec_for(vision_dir, lm_dir, family="blip")))
-    spec = CompositeSpec.parse(spec_for(vision_dir, lm_dir, vision_feature_layer=-2))
+        composite_family(CompositeSpec.parse(spec_for(tiny_dinov2_dir, lm_dir, family="blip")))
+    spec = CompositeSpec.parse(spec_for(tiny_dinov2_dir, lm_dir, vision_feature_layer=-2))
     assert spec.vision_feature_layer == -2 and spec.prompt == "Caption:"
 
 
-def test_compose_loads_both_parts_whole_and_saves_the_prompt(llava_dir, vision_dir, lm_dir):
+def test_compose_loads_both_parts_whole_and_saves_the_prompt(llava_dir, tiny_dinov2_dir, lm_dir):
     from transformers import AutoModel, AutoModelForCausalLM
 
     model, processor = load_model(llava_dir)
@@ -151,7 +133,7 @@ def test_compose_loads_both_parts_whole_and_saves_the_prompt(llava_dir, vision_d
     for name, before in lm.model.state_dict().items():
         after = model.model.language_model.state_dict()[name]
         assert torch.equal(after[: before.shape[0]], before), name
-    tower = AutoModel.from_pretrained(vision_dir).state_dict()
+    tower = AutoModel.from_pretrained(tiny_dinov2_dir).state_dict()
     for name, after in model.model.vision_tower.state_dict().items():
         assert torch.equal(tower[name], after), name
     # the caption prompt travels in the processor: what plain transformers renders and expands
@@ -235,13 +217,14 @@ def test_llava_bad_words_are_never_generated(captioner, images, monkeypatch):
     assert not any(spelled[word][0] in o[:, skip:] for o in outputs)
 
 
-def test_trains_saves_and_loads_with_plain_transformers(vision_dir, lm_dir, tmp_path):
+def test_trains_saves_and_loads_with_plain_transformers(tiny_dinov2_dir, lm_dir, tmp_path):
     from captioner.scenes import generate_scenes
 
     scenes = generate_scenes(tmp_path / "scenes", n=8, seed=3)
     out = tmp_path / "run"
     model_args, data_args, decoding, training_args = parse_train_args([
-        "--model", spec_for(vision_dir, lm_dir), "--data", str(scenes), "--output_dir", str(out),
+        "--model", spec_for(tiny_dinov2_dir, lm_dir), "--data", str(scenes),
+        "--output_dir", str(out),
         "--max_steps", "2", "--eval_strategy", "no", "--feature_cache", "off", "--freeze",
         "vision", "--pixel_cache", "off", "--test_size", "0", "--per_device_train_batch_size",
         "4", "--dataloader_num_workers", "0", "--logging_steps", "1", "--save_strategy", "no",
