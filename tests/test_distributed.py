@@ -74,6 +74,13 @@ def test_two_processes_write_once_and_match_one_process(scenes, tmp_path, env):
     assert len(a) == len(b) == 6
     assert all(abs(x - y) / y < 0.1 for x, y in zip(a, b, strict=True)), (a, b)
 
+    # the model loads with plain transformers, in a process that never imports captioner
+    plain = ("import sys; from transformers import AutoModelForCausalLM, AutoProcessor; "
+             "AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+             "AutoProcessor.from_pretrained(sys.argv[1]); "
+             "assert not any(m.startswith('captioner') for m in sys.modules)")  # fmt: skip
+    run([sys.executable, "-c", plain, str(two)], env)
+
     # the gathered eval equals `captioner eval` of the saved model on the same images
     trained = json.loads((two / "eval_results.json").read_text())
     report = tmp_path / "report"

@@ -332,7 +332,7 @@ class OnnxGitModel(nn.Module):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         *,
-        max_new_tokens: int = 30,
+        max_new_tokens: int,  # always given: the engine passes DecodingOptions' value
         num_beams: int = 1,
         do_sample: bool = False,
         num_return_sequences: int = 1,
