@@ -70,7 +70,7 @@ def run_side(
     if threads:
         torch.set_num_threads(threads)
 
-    from captioner.models import load_model
+    from captioner.models.build import load_model
 
     model, processor = load_model(model_dir)
     model.eval()
@@ -138,7 +138,7 @@ def main() -> None:
 
     import logging
 
-    from captioner.models import build_preset
+    from captioner.models.build import build_preset
 
     logging.disable(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="caption_bench_"))

@@ -106,7 +106,7 @@ def minilm_decoder(out: Path) -> Path:
 
 def convert_parts() -> float:
     """Convert dinov2-small once (outside every timed run); returns the seconds it took."""
-    from captioner.parts import get_part
+    from captioner.models.parts import get_part
 
     start = time.perf_counter()
     get_part("dinov2-small")
@@ -179,7 +179,7 @@ def step_timer(t0: float, budget_s: float | None = None):
 
 def time_fills(record: list) -> None:
     """Record the time and count of every FeatureCache.fill (the one-off feature extraction)."""
-    from captioner.features import FeatureCache
+    from captioner.training.features import FeatureCache
 
     fill = FeatureCache.fill
 
@@ -197,7 +197,7 @@ def time_fills(record: list) -> None:
 def run_train(flags: dict, budget_s: float | None = None) -> dict:
     import torch
 
-    from captioner.training import parse_train_args, train
+    from captioner.training.trainer import parse_train_args, train
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # as `captioner train` does
     fills: list = []
@@ -226,10 +226,10 @@ def run_train(flags: dict, budget_s: float | None = None) -> dict:
 
 
 def run_eval(model_dir: Path, test_dir: Path) -> dict:
-    from captioner.data import load_captions
+    from captioner.data.scenes import attribute_accuracy
+    from captioner.data.sources import load_captions
     from captioner.engine import Captioner
-    from captioner.evaluation import evaluate
-    from captioner.scenes import attribute_accuracy
+    from captioner.evaluation.evaluate import evaluate
 
     test = load_captions(test_dir, test_size=0)["train"]
     start = time.perf_counter()
@@ -253,11 +253,11 @@ def run_flops(cfg: dict, n: int = 16) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from captioner.collate import CaptionCollator
-    from captioner.compose import freeze
-    from captioner.data import load_captions
-    from captioner.models import build_preset, load_model
-    from captioner.training import _with_index
+    from captioner.data.sources import load_captions
+    from captioner.models.build import build_preset, load_model
+    from captioner.models.compose import freeze
+    from captioner.training.collate import CaptionCollator
+    from captioner.training.trainer import _with_index
 
     rows = _with_index(load_captions(cfg["speed_data"], test_size=0)["train"]).select(range(n))
     folder = Path(cfg["tmp"]) / "flops_preset"

@@ -1,7 +1,7 @@
 """Peak memory of evaluation at 200 vs 2,000 eval images: it must not grow with the split.
 
 Each (mode, size) runs in a fresh process, so `ru_maxrss` is that run's own peak:
-  generate     `captioner.evaluation.evaluate` (generate + score): what `captioner eval` runs
+  generate     `evaluation.evaluate.evaluate` (generate + score): what `captioner eval` runs
   decode_all   the same engine fed `list(dataset["image"])`: every image decoded up front
   guide        the guide's evaluation memory: teacher-forced logits of every batch kept, as
                Trainer gathers them before `compute_metrics` (argmax + WER)
@@ -31,8 +31,8 @@ OUT = Path(__file__).parent / "out" / "eval_bench"
 
 
 def prepare(n: int, image_size: int) -> tuple[Path, Path]:
-    from captioner.models import build_preset
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
+    from captioner.models.build import build_preset
 
     data = OUT / f"scenes_{n}_{image_size}"
     if not (data / "metadata.jsonl").exists():
@@ -49,10 +49,11 @@ def child(mode: str, n: int, data: Path, model_dir: Path, max_new_tokens: int) -
     import psutil
     import torch
 
-    from captioner import evaluation, metrics
-    from captioner.data import ImageColumn, load_captions
+    from captioner.data.sources import ImageColumn, load_captions
     from captioner.engine import Captioner
-    from captioner.models import load_model
+    from captioner.evaluation import evaluate as evaluation
+    from captioner.evaluation import metrics
+    from captioner.models.build import load_model
 
     splits = load_captions(data)
     ds = datasets.concatenate_datasets([splits["train"], splits["test"]]).select(range(n))
@@ -73,7 +74,7 @@ def child(mode: str, n: int, data: Path, model_dir: Path, max_new_tokens: int) -
     else:  # guide: keep every batch's teacher-forced logits, then argmax + WER at the end
         import jiwer
 
-        from captioner.images import load_image
+        from captioner.data.images import load_image
 
         logits, labels = [], []
         images, captions = ImageColumn(ds), ds["captions"]

@@ -58,10 +58,10 @@ def uptime() -> str:
 
 
 def captioner_for(mode: str, model_dir: Path, onnx_dirs: dict[str, Path]):
-    from captioner import precision
     from captioner.engine import Captioner
-    from captioner.export import load_onnx
-    from captioner.models import load_model
+    from captioner.models import precision
+    from captioner.models.build import load_model
+    from captioner.models.export import load_onnx
 
     if mode.startswith("onnx"):
         return Captioner(*load_onnx(onnx_dirs[mode]), device="cpu")
@@ -81,7 +81,7 @@ def timed_captions(captioner, paths: list, **options) -> tuple[float, list[str],
 
 
 def export_all(model_dir: Path, work: Path) -> tuple[dict[str, Path], dict[str, float]]:
-    from captioner.export import export_onnx
+    from captioner.models.export import export_onnx
 
     dirs, seconds = {}, {}
     for mode, int8 in (("onnx", False), ("onnx-int8", True)):
@@ -95,8 +95,8 @@ def export_all(model_dir: Path, work: Path) -> tuple[dict[str, Path], dict[str, 
 
 
 def speed(presets: list[str], n: int, guide_n: int, threads: int, work: Path) -> list[dict]:
-    from captioner import precision
-    from captioner.models import build_preset
+    from captioner.models import precision
+    from captioner.models.build import build_preset
 
     paths = make_images(work / "images", max(n, guide_n))
     print("\n### Speed: random weights, 49 tokens per caption\n")
@@ -164,8 +164,8 @@ def references(folder: Path) -> tuple[list[Path], list[list[str]]]:
 
 
 def trained(presets: list[str], steps: dict[str, int], n_test: int, work: Path) -> list[dict]:
-    from captioner import precision
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
+    from captioner.models import precision
 
     scenes = generate_scenes(work / "scenes", 1500, 0, difficulty="easy")
     held_out = generate_scenes(work / "held_out", n_test, 1, difficulty="easy")
@@ -253,7 +253,7 @@ async def load(url: str, path: str, bodies: list, n: int, concurrency: int, ok) 
 
 
 def serve(requests: int, concurrency: list[int], work: Path) -> list[dict]:
-    from captioner.models import build_preset
+    from captioner.models.build import build_preset
 
     model_dir = build_preset("tiny", CAPTIONS, work / "serve-tiny")
     payloads = images()

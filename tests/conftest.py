@@ -43,7 +43,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised `tiny` GIT preset saved with save_pretrained (loads like a Hub id)."""
-    from captioner.models import build_preset
+    from captioner.models.build import build_preset
 
     return build_preset("tiny", TINY_CAPTIONS, tmp_path_factory.mktemp("tiny_git"))
 
@@ -87,7 +87,7 @@ def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     batched-vs-single comparison of empty strings would pass trivially.)"""
     import torch
 
-    from captioner.models import load_model
+    from captioner.models.build import load_model
 
     model, processor = load_model(tiny_model_dir)
     torch.manual_seed(0)

@@ -102,7 +102,7 @@ BAD_VALUES = [
     ("argv", "message"), BAD_VALUES, ids=[" ".join(a[:2]) for a, _ in BAD_VALUES]
 )
 def test_a_bad_value_is_one_clear_line(argv, message, tmp_path, tiny_model_dir):
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     data = generate_scenes(tmp_path / "scenes", n=6)
     names = {"MODEL": str(tiny_model_dir), "DATA": str(data), "OUT": str(tmp_path / "out")}

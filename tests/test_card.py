@@ -16,8 +16,8 @@ import yaml
 from conftest import make_images
 from huggingface_hub import ModelCard
 
-from captioner.card import write_model_card
 from captioner.hub import push_files
+from captioner.training.card import write_model_card
 
 METRICS = {
     "eval_loss": 1.25,
@@ -177,16 +177,16 @@ def test_the_cards_transformers_snippet_captions(tiny_model_dir, tmp_path):
 
 
 def _training_writes_cards() -> bool:
-    import captioner.training
+    import captioner.training.trainer
 
-    return hasattr(captioner.training, "write_model_card")
+    return hasattr(captioner.training.trainer, "write_model_card")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _training_writes_cards(), reason="training does not write a card yet")
 def test_training_writes_the_card(tmp_path, monkeypatch):
-    from captioner.scenes import generate_scenes
-    from captioner.training import parse_train_args, train
+    from captioner.data.scenes import generate_scenes
+    from captioner.training.trainer import parse_train_args, train
 
     monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "cache"))
     data = generate_scenes(tmp_path / "scenes", n=20, seed=2)

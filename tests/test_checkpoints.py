@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from captioner.checkpoints import checkpoint_problem, checkpoints, last_complete_checkpoint
+from captioner.training.checkpoints import checkpoint_problem, checkpoints, last_complete_checkpoint
 
 
 def make_checkpoint(root: Path, step: int) -> Path:
@@ -39,7 +39,7 @@ def test_torn_state_or_truncated_weights_fall_back_with_a_warning(tmp_path, capl
     cut = make_checkpoint(tmp_path, 30)
     weights = cut / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="captioner.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="captioner.training.checkpoints"):
         assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "checkpoint-30" in warned and "model.safetensors does not open" in warned

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from captioner.collapse import CollapseGuard, diversity
+from captioner.training.collapse import CollapseGuard, diversity
 
 # --- diversity --------------------------------------------------------------------------------
 
@@ -54,7 +54,7 @@ def _evaluate(guard: CollapseGuard, ratio: float | None, images: int = 40, step:
 
 def test_guard_warns_after_two_low_evaluations_in_a_row(caplog):
     guard = CollapseGuard()
-    with caplog.at_level(logging.WARNING, logger="captioner.collapse"):
+    with caplog.at_level(logging.WARNING, logger="captioner.training.collapse"):
         assert not _evaluate(guard, 0.05, step=10).should_training_stop
         assert not caplog.records and guard.streak == 1 and not guard.collapsed
         _evaluate(guard, 0.5, step=20)  # recovered: the streak starts over
@@ -71,7 +71,7 @@ def test_guard_warns_after_two_low_evaluations_in_a_row(caplog):
     assert "prompt" in message and "--stop_on_collapse" in message
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="captioner.collapse"):
+    with caplog.at_level(logging.WARNING, logger="captioner.training.collapse"):
         _evaluate(guard, 0.05, step=50)  # still collapsed: no second warning for one streak
     assert not caplog.records and guard.streak == 3
 
@@ -138,7 +138,7 @@ COLLAPSE_FLAGS = [
 
 @pytest.fixture(scope="module")
 def scenes40(tmp_path_factory) -> Path:
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     return generate_scenes(tmp_path_factory.mktemp("collapse") / "data", n=44, seed=1)
 
@@ -149,7 +149,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def _train(out: Path, data: Path, *flags: str, callbacks=None):
-    from captioner.training import parse_train_args, train
+    from captioner.training.trainer import parse_train_args, train
 
     model, data_args, decoding, args = parse_train_args(
         ["--model", "tiny", "--data", str(data), "--output_dir", str(out), *COLLAPSE_FLAGS, *flags]
@@ -173,7 +173,7 @@ def _assert_stopped_with_best_kept(state: dict, out: Path) -> None:
 def test_forced_collapse_warns_and_stops(tmp_path, scenes40, caplog):
     out = tmp_path / "run"
     guard = CollapseGuard(stop=True)
-    with caplog.at_level(logging.WARNING, logger="captioner.collapse"):
+    with caplog.at_level(logging.WARNING, logger="captioner.training.collapse"):
         state = _train(out, scenes40, callbacks=[guard])
     assert guard.collapsed
     assert "caption collapse" in caplog.text and "learning rate 10" in caplog.text
@@ -181,7 +181,7 @@ def test_forced_collapse_warns_and_stops(tmp_path, scenes40, caplog):
 
 
 def _wired() -> bool:
-    from captioner.training import CaptionTrainingArguments
+    from captioner.training.trainer import CaptionTrainingArguments
 
     return "stop_on_collapse" in {f.name for f in dataclasses.fields(CaptionTrainingArguments)}
 
@@ -192,7 +192,7 @@ def test_stop_on_collapse_flag(tmp_path, scenes40, caplog):
     """Training wires the guard itself: it warns without --stop_on_collapse and stops with it;
     every evaluation logs the diversity of its captions."""
     out = tmp_path / "warn"
-    with caplog.at_level(logging.WARNING, logger="captioner.collapse"):
+    with caplog.at_level(logging.WARNING, logger="captioner.training.collapse"):
         state = _train(out, scenes40, "--max_steps", "6")
     assert "caption collapse" in caplog.text and "--stop_on_collapse" in caplog.text
     assert state["global_step"] == 6  # warned, went on

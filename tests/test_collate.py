@@ -9,9 +9,12 @@ import torch
 from conftest import TINY_CAPTIONS, make_images
 from transformers import CLIPImageProcessor, GitProcessor
 
-import captioner.collate as collate_mod
-from captioner.collate import INDEX_COLUMN, CaptionCollator, draw_caption
-from captioner.tokenizer import train_wordpiece
+import captioner.training.collate as collate_mod
+from captioner.models.families import family_named
+from captioner.models.tokenizer import train_wordpiece
+from captioner.training.collate import INDEX_COLUMN, CaptionCollator, draw_caption
+
+GIT, VED = family_named("git"), family_named("vision-encoder-decoder")
 
 
 def _processor(size: int = 32) -> GitProcessor:
@@ -32,7 +35,7 @@ def test_pads_to_longest_caption_and_masks_pads(tmp_path):
     rows = _rows(
         paths, [["a red circle"], ["a very long caption with many many more words"], ["a"]]
     )
-    batch = CaptionCollator(_processor())(rows)
+    batch = CaptionCollator(_processor(), GIT)(rows)
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     # [CLS] + 9 words + [SEP]: the batch is as long as its longest caption, not model_max_length.
@@ -45,7 +48,7 @@ def test_pads_to_longest_caption_and_masks_pads(tmp_path):
 
 def test_labels_only_for_encoder_decoder(tmp_path):
     rows = _rows(make_images(tmp_path, 2), [["a red circle"], ["a"]])
-    batch = CaptionCollator(_processor(), labels_only=True)(rows)
+    batch = CaptionCollator(_processor(), VED)(rows)
     assert set(batch) == {"pixel_values", "labels"}
     assert (batch["labels"] == -100).sum() == 2  # "[CLS] a [SEP]" padded to 5
 
@@ -63,7 +66,7 @@ def test_caption_draw_is_seeded_and_changes_with_epoch():
 def test_collator_draws_per_epoch(tmp_path):
     paths = make_images(tmp_path, 8)
     caps = [["a red circle", "a blue square", "a green triangle", "a white circle"]] * 8
-    collator = CaptionCollator(_processor(), seed=3)
+    collator = CaptionCollator(_processor(), GIT, seed=3)
     first = collator(_rows(paths, caps))["input_ids"]
     assert torch.equal(first, collator(_rows(paths, caps))["input_ids"])
     collator.epoch = 1
@@ -78,21 +81,21 @@ def test_pixel_cache_skips_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(collate_mod, "load_image", lambda src: calls.append(src) or real(src))
 
     cache = tmp_path / "cache"
-    collator = CaptionCollator(_processor(), cache_dir=cache)
+    collator = CaptionCollator(_processor(), GIT, cache_dir=cache)
     first = collator(rows)["pixel_values"]
     assert len(calls) == 4 and len(list(cache.rglob("*.npy"))) == 4
-    again = CaptionCollator(_processor(), cache_dir=cache)(rows)["pixel_values"]
+    again = CaptionCollator(_processor(), GIT, cache_dir=cache)(rows)["pixel_values"]
     assert len(calls) == 4  # served from the cache, not decoded
     assert torch.equal(first, again)
-    assert torch.equal(first, CaptionCollator(_processor())(rows)["pixel_values"])
+    assert torch.equal(first, CaptionCollator(_processor(), GIT)(rows)["pixel_values"])
     calls.clear()
 
     # Another image processor config is another key: no stale pixels of the wrong size.
-    bigger = CaptionCollator(_processor(size=48), cache_dir=cache)(rows)["pixel_values"]
+    bigger = CaptionCollator(_processor(size=48), GIT, cache_dir=cache)(rows)["pixel_values"]
     assert bigger.shape[-1] == 48 and len(calls) == 4
     # A changed file is a new hash.
     make_images(tmp_path / "img2", 5)[4].replace(paths[0])
-    CaptionCollator(_processor(), cache_dir=cache)(rows)
+    CaptionCollator(_processor(), GIT, cache_dir=cache)(rows)
     assert len(calls) == 5
 
 
@@ -102,18 +105,18 @@ def test_broken_image_is_skipped_with_warning(tmp_path, caplog):
     broken.write_bytes(b"not a png")
     rows = _rows([paths[0], broken, paths[1]], [["a red circle"], ["a"], ["a blue square"]])
     with caplog.at_level(logging.WARNING):
-        batch = CaptionCollator(_processor())(rows)
+        batch = CaptionCollator(_processor(), GIT)(rows)
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 2
     assert "broken.png" in caplog.text
 
 
 def test_git_loss_covers_caption_tokens_only(tiny_model_dir, tmp_path):
     """GIT slices off the image positions and shifts by one itself: labels = ids with pads -100."""
-    from captioner.models import load_model
+    from captioner.models.build import load_model
 
     model, processor = load_model(tiny_model_dir)
     rows = _rows(make_images(tmp_path, 3, size=64), [[c] for c in TINY_CAPTIONS[:2]] + [["a"]])
-    batch = CaptionCollator(processor)(rows)
+    batch = CaptionCollator(processor, GIT)(rows)
     with torch.no_grad():
         out = model(**batch)
     n_text = batch["input_ids"].shape[1]
@@ -130,7 +133,7 @@ def test_tokenizer_without_pad_is_refused():
     processor = _processor()
     processor.tokenizer.pad_token = None
     with pytest.raises(collate_mod.CaptionerError, match="no pad token"):
-        CaptionCollator(processor)
+        CaptionCollator(processor, GIT)
 
 
 def test_epoch_reaches_dataloader_workers(tmp_path):
@@ -138,7 +141,7 @@ def test_epoch_reaches_dataloader_workers(tmp_path):
     before iterating (training.py's on_epoch_begin callback) changes the draw inside workers too."""
     paths = make_images(tmp_path, 8)
     caps = [["a red circle", "a blue square", "a green triangle", "a white circle"]] * 8
-    collator = CaptionCollator(_processor())
+    collator = CaptionCollator(_processor(), GIT)
     loader = torch.utils.data.DataLoader(
         _rows(paths, caps), batch_size=8, num_workers=1, collate_fn=collator
     )

@@ -12,16 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.checkpoints import last_complete_checkpoint as last_checkpoint
-from captioner.collate import CaptionCollator
-from captioner.compose import CompositeSpec
-from captioner.data import ImageColumn, load_captions
+from captioner.data.sources import ImageColumn, load_captions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.features import FeatureCache
-from captioner.models import build_preset, load_model
-from captioner.training import parse_train_args, train
+from captioner.models.build import build_preset, load_model
+from captioner.models.compose import CompositeSpec
+from captioner.models.families import family_named
+from captioner.training.checkpoints import last_complete_checkpoint as last_checkpoint
+from captioner.training.collate import CaptionCollator
+from captioner.training.features import FeatureCache
+from captioner.training.trainer import parse_train_args, train
 
+VED = family_named("vision-encoder-decoder")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 FAST = [
     "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
@@ -32,7 +34,7 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     return generate_scenes(tmp_path_factory.mktemp("scenes") / "data", n=32, seed=2)
 
@@ -80,8 +82,8 @@ def test_cached_features_give_the_same_loss_as_pixels(tiny_dinov2_dir, scenes, t
         tmp_path / "cache", model.encoder, processor.image_processor, max_bytes=2**30
     )
     assert cache.fill([r["image"] for r in rows]) == 6
-    from_pixels = CaptionCollator(processor, labels_only=True)(rows)
-    from_cache = CaptionCollator(processor, labels_only=True, features=cache)(rows)
+    from_pixels = CaptionCollator(processor, VED)(rows)
+    from_cache = CaptionCollator(processor, VED, features=cache)(rows)
     assert "pixel_values" not in from_cache and from_cache["encoder_outputs"][0].shape[0] == 6
     with torch.no_grad():
         loss_pixels = model(**from_pixels).loss
@@ -102,7 +104,7 @@ def test_labels_skip_the_start_token_the_decoder_is_given(tiny_dinov2_dir, tmp_p
     _, processor = load_model(build_preset(spec_for(tiny_dinov2_dir), ["a red circle"], tmp_path))
     from PIL import Image
 
-    batch = CaptionCollator(processor, labels_only=True)(
+    batch = CaptionCollator(processor, VED)(
         [{"image": Image.new("RGB", (32, 32)), "captions": ["a red circle"]}]
     )
     ids = processor.tokenizer("a red circle").input_ids  # [CLS] a red circle [SEP]

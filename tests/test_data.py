@@ -10,7 +10,7 @@ import webdataset as wds
 from conftest import png_header
 from PIL import Image
 
-from captioner.data import load_captions, scan_source
+from captioner.data.sources import load_captions, scan_source
 from captioner.errors import CaptionerError
 
 
@@ -223,7 +223,7 @@ def test_bad_input_corpus_in_a_sidecar_folder(tmp_path, caplog):
     assert set(found) == set(expected), found
     for name, reason in expected.items():
         assert reason in found[name], (name, found[name])
-    with caplog.at_level(logging.WARNING, logger="captioner.data"):
+    with caplog.at_level(logging.WARNING, logger="captioner.data.sources"):
         dd = load_captions(tmp_path / "corpus", test_size=0)
     assert "skipped 11 of 16 examples" in caplog.text
     images = {r["image"].size: r["captions"] for r in dd["train"]}
@@ -330,7 +330,7 @@ def test_folder_with_one_manifest_reads_the_manifest(tmp_path, pairs):
 
 
 def test_hub_unreachable_fails_fast_without_offline_mode(monkeypatch):
-    import captioner.data as data_mod
+    import captioner.data.sources as data_mod
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(data_mod, "hub_reachable", lambda timeout=3.0: False)

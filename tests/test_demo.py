@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from captioner.evaluation.metrics import closest_reference
 from captioner.jobs.demo import DemoConfig, best_constant_caption
-from captioner.metrics import closest_reference
 
 
 def test_closest_reference_wer_takes_the_best_reference():

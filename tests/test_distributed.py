@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from captioner.checkpoints import last_complete_checkpoint
+from captioner.training.checkpoints import last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # accelerate's own --cpu starts a single process on a machine without GPUs; the DDP config file
@@ -29,7 +29,7 @@ COMMON = ["--max_new_tokens", "8", "--logging_steps", "1", "--test_size", "0.125
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     return generate_scenes(tmp_path_factory.mktemp("scenes") / "data", n=48, seed=4)
 

@@ -113,13 +113,13 @@ def test_urls_download_with_byte_limit_and_fail_clearly_offline(captioner, image
         assert captioner.caption(url, max_new_tokens=6) == captioner.caption(
             images[0], max_new_tokens=6
         )
-        monkeypatch.setattr("captioner.fetch.FETCH_MAX_BYTES", 100)
+        monkeypatch.setattr("captioner.data.fetch.FETCH_MAX_BYTES", 100)
         with pytest.raises(BadImageError, match="byte limit") as err:
             captioner.caption(url)
         assert err.value.path == url
     finally:
         server.shutdown()  # the socket still accepts connections, but nobody answers
-    monkeypatch.setattr("captioner.fetch.FETCH_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("captioner.data.fetch.FETCH_TIMEOUT_S", 0.3)
     with pytest.raises(BadImageError, match="timed out"):
         captioner.caption(url)
     server.server_close()
@@ -206,7 +206,7 @@ def _tiny_vision_encoder_decoder(tok):
 def test_other_families_batch_identically_and_take_prompts(build, images):
     from conftest import TINY_CAPTIONS
 
-    from captioner.tokenizer import train_wordpiece
+    from captioner.models.tokenizer import train_wordpiece
 
     model, processor = build(train_wordpiece(TINY_CAPTIONS, vocab_size=200, model_max_length=64))
     captioner = Captioner(model, processor, device="cpu")

@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import TINY_CAPTIONS, make_images
 
-from captioner import evaluation, metrics
 from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.models import load_model
+from captioner.evaluation import evaluate as evaluation
+from captioner.evaluation import metrics
+from captioner.models.build import load_model
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_eval_command_writes_metrics_and_report(tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 
     from captioner.cli import app
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     data = generate_scenes(tmp_path / "scenes", n=30)
     out = tmp_path / "eval"
@@ -153,7 +154,7 @@ def test_eval_command_rejects_unknown_metric_and_split(tiny_model_dir, tmp_path)
     assert isinstance(result.exception, CaptionerError)
     assert "teacher_forced_wer" in str(result.exception)
 
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     scenes = generate_scenes(tmp_path / "scenes", n=6)
     args = ["eval", str(tiny_model_dir), str(scenes), "--split", "validation"]
@@ -181,8 +182,8 @@ def test_eval_split_follows_the_models_training_config(tmp_path):
 
 def test_eval_split_all_scores_every_row(tiny_model_dir, tmp_path):
     """A folder meant as a test set: `--split all` scores every image in it, in stored order."""
+    from captioner.data.scenes import generate_scenes
     from captioner.jobs.evaluate import EvalJob, run_eval
-    from captioner.scenes import generate_scenes
 
     data = generate_scenes(tmp_path / "scenes", n=12)
     decoding = DecodingOptions(max_new_tokens=3)
@@ -215,8 +216,8 @@ def test_eval_split_all_takes_every_split_of_the_source(tiny_model_dir, tmp_path
 
 
 def test_eval_empty_split_names_the_flag(tiny_model_dir, tmp_path):
+    from captioner.data.scenes import generate_scenes
     from captioner.jobs.evaluate import EvalJob, run_eval
-    from captioner.scenes import generate_scenes
 
     data = generate_scenes(tmp_path / "scenes", n=5)
     job = EvalJob(model=str(tiny_model_dir), data=str(data), data_options={"test_size": 0})

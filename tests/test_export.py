@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("onnxruntime")
 from conftest import make_images  # noqa: E402
 
-from captioner import export  # noqa: E402
 from captioner.engine import Captioner  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
-from captioner.export import export_onnx, is_onnx_dir, load_onnx  # noqa: E402
+from captioner.models import export  # noqa: E402
+from captioner.models.export import export_onnx, is_onnx_dir, load_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")

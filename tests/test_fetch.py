@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from captioner import fetch
+from captioner.data import fetch
+from captioner.data.fetch import RefusedError, TooLargeError, UrlPolicy
 from captioner.errors import BadImageError
-from captioner.fetch import RefusedError, TooLargeError, UrlPolicy
 
 BODY = b"x" * 1000
 

@@ -27,10 +27,10 @@ import webdataset as wds
 from conftest import make_images
 from PIL import Image
 
-from captioner.data import MAX_TAR_MEMBER_BYTES, load_captions, scan_source
+from captioner.data.images import check_image, load_image
+from captioner.data.sources import MAX_TAR_MEMBER_BYTES, load_captions, scan_source
 from captioner.decoding import DecodingOptions
 from captioner.errors import BadImageError, CaptionerError
-from captioner.images import check_image, load_image
 from captioner.jobs.caption import caption_files, read_previous
 
 pytest.importorskip("fastapi")

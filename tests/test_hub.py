@@ -73,7 +73,7 @@ def test_push_uploads_the_model_card_and_curves_only(trained_folder, monkeypatch
 
 
 def test_pushed_files_are_a_complete_model(trained_folder, tmp_path):
-    from captioner.models import load_model
+    from captioner.models.build import load_model
 
     copy = tmp_path / "pushed"
     copy.mkdir()

@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import hygiene
-from captioner.data import load_captions
-from captioner.errors import CaptionerError
-from captioner.hygiene import (
+from captioner.data import hygiene
+from captioner.data.hygiene import (
     EMPTY,
     EXACT,
     LEAK,
@@ -24,6 +22,8 @@ from captioner.hygiene import (
     check_hygiene,
     write_clean_manifest,
 )
+from captioner.data.sources import load_captions
+from captioner.errors import CaptionerError
 
 
 def photo(seed: int, size: tuple[int, int] = (128, 96)) -> Image.Image:

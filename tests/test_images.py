@@ -6,8 +6,8 @@ import pytest
 from conftest import png_header
 from PIL import Image
 
+from captioner.data.images import DEFAULT_MAX_PIXELS, load_image
 from captioner.errors import BadImageError
-from captioner.images import DEFAULT_MAX_PIXELS, load_image
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -119,7 +119,7 @@ def test_dict_bytes_are_named_by_their_path():
 
 
 def test_check_image_needs_no_decoding_but_sees_headers_and_png_truncation(tmp_path):
-    from captioner.images import check_image
+    from captioner.data.images import check_image
 
     noise = Image.effect_noise((64, 64), 60).convert("RGB")
     png, jpg = png_bytes(noise), png_bytes(noise, "JPEG")

@@ -15,21 +15,14 @@ import torch
 from conftest import TINY_CAPTIONS, make_images
 from PIL import Image
 
-from captioner.collate import CaptionCollator
-from captioner.compose import (
-    LLAVA,
-    VED,
-    CompositeSpec,
-    caption_prompt,
-    composite_family,
-    is_decoder_only,
-    prompt_ids,
-    vision_tower,
-)
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.models import build_preset, load_model
-from captioner.training import parse_train_args, train
+from captioner.models.build import build_preset, load_model
+from captioner.models.compose import LLAVA, VED, CompositeSpec, composite_family, is_decoder_only
+from captioner.models.families import family_named, family_of
+from captioner.models.families.llava import caption_prompt, prompt_ids
+from captioner.training.collate import CaptionCollator
+from captioner.training.trainer import parse_train_args, train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 N_IMAGE_TOKENS = 17  # 32 px / 8 px patches = 16, + CLS ("full")
@@ -127,7 +120,7 @@ def test_compose_loads_both_parts_whole_and_saves_the_prompt(llava_dir, tiny_din
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
     assert model.get_input_embeddings().weight.shape[0] == len(tok)  # resized for <image>
     assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied
-    assert vision_tower(model) is model.model.vision_tower
+    assert family_of(model).vision_tower(model) is model.model.vision_tower
     # every pretrained weight arrived (the tower's first 2 layers; the LM plus one new row)
     lm = AutoModelForCausalLM.from_pretrained(lm_dir)
     for name, before in lm.model.state_dict().items():
@@ -153,8 +146,8 @@ def test_collator_masks_image_prompt_and_pad_positions(llava_dir, images):
         {"image": str(images[0]), "captions": ["a red circle on a black background"]},
         {"image": str(images[1]), "captions": ["a blue square"]},
     ]
-    collator = CaptionCollator(processor, seed=0, cache_dir=None, labels_only=False)
-    assert collator.family == LLAVA  # found from the processor, as training.py calls it
+    collator = CaptionCollator(processor, family_of(model), seed=0, cache_dir=None)
+    assert collator.family is family_named("llava")
     batch = collator(rows)
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -218,7 +211,7 @@ def test_llava_bad_words_are_never_generated(captioner, images, monkeypatch):
 
 
 def test_trains_saves_and_loads_with_plain_transformers(tiny_dinov2_dir, lm_dir, tmp_path):
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     scenes = generate_scenes(tmp_path / "scenes", n=8, seed=3)
     out = tmp_path / "run"
@@ -268,7 +261,7 @@ print(repr(" ".join(processor.batch_decode(ids, skip_special_tokens=True)[0].spl
 
 @pytest.mark.slow
 def test_real_parts_dinov2_smollm2_trains_and_captions(tmp_path):
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     scenes = generate_scenes(tmp_path / "scenes", n=8, seed=4, image_size=112)
     out = tmp_path / "run"

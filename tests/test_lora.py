@@ -10,9 +10,9 @@ import torch
 
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.lora import add_lora, is_adapter_dir
-from captioner.models import load_model, merge_adapter
-from captioner.training import parse_train_args, train
+from captioner.models.build import load_model, merge_adapter
+from captioner.models.lora import add_lora, is_adapter_dir
+from captioner.training.trainer import parse_train_args, train
 
 FAST = [
     "--per_device_train_batch_size", "8", "--max_new_tokens", "8", "--logging_steps", "1",
@@ -22,7 +22,7 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     return generate_scenes(tmp_path_factory.mktemp("scenes") / "data", n=24, seed=3)
 

@@ -9,8 +9,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from captioner import metrics
 from captioner.errors import CaptionerError
+from captioner.evaluation import metrics
 
 # Each image's words appear in no other image's references, so CIDEr-D's IDF is positive for
 # every n-gram and the per-image values below follow from its definition by hand.

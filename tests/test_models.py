@@ -7,7 +7,7 @@ import json
 import pytest
 
 from captioner.errors import CaptionerError
-from captioner.models import build_preset, load_model
+from captioner.models.build import build_preset, load_model
 
 
 def test_preset_tokenizer_follows_the_captions(tmp_path):
@@ -30,7 +30,7 @@ def test_not_a_model_directory(tmp_path):
 
 
 def test_hub_id_fails_fast_when_the_hub_is_unreachable(monkeypatch):
-    import captioner.models as models_mod
+    import captioner.models.build as models_mod
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models_mod, "hub_reachable", lambda timeout=3.0: False)

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_serve import FakeCaptioner, _free_port, noise_png, png  # noqa: E402
 
-from captioner import fetch  # noqa: E402
+from captioner.data import fetch  # noqa: E402
 from captioner.decoding import DecodingOptions  # noqa: E402
 from captioner.engine import Captioner  # noqa: E402
 from captioner.serve import create_app  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner import parts
+from captioner.models import parts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

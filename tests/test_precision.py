@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import make_images
 
-from captioner import precision
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.models import load_model
+from captioner.models import precision
+from captioner.models.build import load_model
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_agreement_is_the_exact_match_rate():
 
 def test_below_the_floor_warns_or_refuses(caplog):
     assert precision.AGREEMENT_FLOOR == 0.95
-    with caplog.at_level(logging.WARNING, logger="captioner.precision"):
+    with caplog.at_level(logging.WARNING, logger="captioner.models.precision"):
         assert precision.check_agreement(0.97, "int8") == 0.97
         assert not caplog.records
         assert precision.check_agreement(0.80, "int8") == 0.80

@@ -8,12 +8,13 @@ import json
 import pytest
 from PIL import Image
 
-from captioner.collate import CaptionCollator
 from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.models import load_model
-from captioner.training import parse_train_args, train
+from captioner.models.build import load_model
+from captioner.models.families import family_named
+from captioner.training.collate import CaptionCollator
+from captioner.training.trainer import parse_train_args, train
 
 
 def test_prompt_tokens_carry_no_loss(tiny_model_dir):
@@ -21,8 +22,8 @@ def test_prompt_tokens_carry_no_loss(tiny_model_dir):
     rows = [
         {"image": Image.new("RGB", (64, 64)), "captions": ["a red circle on a black background"]}
     ]
-    plain = CaptionCollator(processor)(rows)
-    prompted = CaptionCollator(processor, prompt="a picture of")(rows)
+    plain = CaptionCollator(processor, family_named("git"))(rows)
+    prompted = CaptionCollator(processor, family_named("git"), prompt="a picture of")(rows)
     n = len(processor.tokenizer("a picture of", add_special_tokens=False).input_ids)
     assert prompted["input_ids"].shape[1] == plain["input_ids"].shape[1] + n
     assert (prompted["labels"][0, 1 : 1 + n] == -100).all()  # the prompt: no loss
@@ -65,7 +66,7 @@ def test_keep_prompt_and_min_new_tokens_reach_the_output(chatty_model_dir):
 
 @pytest.mark.slow
 def test_trained_prompt_is_saved_and_reused(tmp_path):
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     scenes = generate_scenes(tmp_path / "scenes", n=24, seed=5)
     out = tmp_path / "run"

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from captioner.cli import app
-from captioner.report import plot_samples, write_eval_report
+from captioner.evaluation.report import plot_samples, write_eval_report
 
 
 def test_plot_samples_writes_a_grid_png(tmp_path):
@@ -41,7 +41,7 @@ def test_scenes_show_check_run_clean(tmp_path):
 
 
 def _eval_result(name: str, preds: list[str], ciders: list[float]):
-    from captioner.evaluation import EvalResult
+    from captioner.evaluation.evaluate import EvalResult
 
     refs = [["a red square", "red box"], ["a <script>alert(1)</script> tag"], ["a blue circle"]]
     rows = [
@@ -91,7 +91,7 @@ def test_eval_report_is_self_contained_worst_first_and_escaped(tmp_path):
 def test_eval_report_survives_an_unreadable_image(tmp_path):
     from conftest import make_images
 
-    from captioner.evaluation import TEACHER_FORCED_NOTE
+    from captioner.evaluation.evaluate import TEACHER_FORCED_NOTE
 
     images = [str(p) for p in make_images(tmp_path / "img", 2)] + [str(tmp_path / "gone.png")]
     a = _eval_result("m", ["x", "y", "z"], [1.0, 2.0, 0.5])
@@ -126,7 +126,7 @@ def test_plots_leave_matplotlib_global_state_alone(tmp_path):
         import matplotlib
         from PIL import Image
 
-        from captioner.report import plot_curves, plot_samples
+        from captioner.evaluation.report import plot_curves, plot_samples
 
         # the rcParams entry as set, read without resolving it (resolving imports pyplot)
         before = dict.__getitem__(matplotlib.rcParams, "backend")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from captioner.data.scenes import BACKGROUNDS, COLOURS, SETTINGS, SHAPES, generate_scenes
 from captioner.errors import CaptionerError
-from captioner.scenes import BACKGROUNDS, COLOURS, SETTINGS, SHAPES, generate_scenes
 
 
 def rows(out):

@@ -33,11 +33,12 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from captioner import cli, fetch  # noqa: E402
+from captioner import cli
+from captioner.data import fetch  # noqa: E402
+from captioner.data.images import DEFAULT_MAX_PIXELS  # noqa: E402
 from captioner.decoding import DecodingOptions  # noqa: E402
 from captioner.engine import Captioner  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
-from captioner.images import DEFAULT_MAX_PIXELS  # noqa: E402
 from captioner.serve import create_app  # noqa: E402
 from captioner.serve.batcher import Batcher  # noqa: E402
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from captioner.checkpoints import last_complete_checkpoint as last_checkpoint
-from captioner.data import DataArguments
+from captioner.data.sources import DataArguments
 from captioner.errors import CaptionerError
-from captioner.training import (
+from captioner.training.checkpoints import last_complete_checkpoint as last_checkpoint
+from captioner.training.trainer import (
     CaptionTrainingArguments,
     ModelArguments,
     load_config_file,
@@ -59,7 +59,7 @@ def args_for(model: str, data: object, output_dir: object, *flags: str):
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
     """32 generated scenes (4-5 paraphrased captions each) with one broken PNG among them."""
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     root = generate_scenes(tmp_path_factory.mktemp("scenes") / "data", n=33, seed=1)
     (root / "00032.png").write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
@@ -397,13 +397,13 @@ def test_git_with_real_bert_vocabulary(tmp_path, scenes):
 
 
 def test_without_java_every_metric_but_meteor_is_scored_the_same_way(monkeypatch):
-    import captioner.metrics
+    import captioner.evaluation.metrics
 
     predictions = ["a red star.", "a cat"]
     references = [["A red star"], ["a blue square", "a dog"]]
-    with_java = captioner.metrics.compute(predictions, references)
-    monkeypatch.setattr(captioner.metrics, "java_available", lambda: False)
-    without = captioner.metrics.compute(predictions, references)
+    with_java = captioner.evaluation.metrics.compute(predictions, references)
+    monkeypatch.setattr(captioner.evaluation.metrics, "java_available", lambda: False)
+    without = captioner.evaluation.metrics.compute(predictions, references)
     assert without["meteor"] is None and with_java["meteor"] is not None
     for key in ("bleu_4", "rouge_l", "cider", "wer", "exact_match"):
         assert without[key] == pytest.approx(with_java[key]), key

@@ -7,8 +7,8 @@ the engine and training import torch, which takes seconds):
     DecodingOptions   how captions are decoded (beams, length, sampling, prompt, bad words)
     load_captions     any dataset source -> DatasetDict{"train", "test"} of {image, captions}
     load_model        (model, processor) for a model folder or Hub id
-    train             fine-tune with transformers' Trainer (see captioner.training)
-    evaluate          generate captions for a split and score them (see captioner.evaluation)
+    train             fine-tune with transformers' Trainer (see captioner.training.trainer)
+    evaluate          caption a split and score it (see captioner.evaluation.evaluate)
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ __version__ = _version("captioner")
 _API = {
     "Captioner": "captioner.engine",
     "DecodingOptions": "captioner.decoding",
-    "load_captions": "captioner.data",
-    "load_model": "captioner.models",
-    "train": "captioner.training",
-    "evaluate": "captioner.evaluation",
+    "load_captions": "captioner.data.sources",
+    "load_model": "captioner.models.build",
+    "train": "captioner.training.trainer",
+    "evaluate": "captioner.evaluation.evaluate",
 }
 __all__ = [
     "Captioner",
@@ -39,12 +39,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from captioner.data import load_captions
+    from captioner.data.sources import load_captions
     from captioner.decoding import DecodingOptions
     from captioner.engine import Captioner
-    from captioner.evaluation import evaluate
-    from captioner.models import load_model
-    from captioner.training import train
+    from captioner.evaluation.evaluate import evaluate
+    from captioner.models.build import load_model
+    from captioner.training.trainer import train
 
 
 def __getattr__(name: str) -> Any:

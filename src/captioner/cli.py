@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from captioner.data import DataArguments
+from captioner.data.sources import DataArguments
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
 
@@ -129,7 +129,7 @@ def data_scenes(
     ),
 ) -> None:
     """Draw the built-in scenes: shapes on backgrounds, 3-5 true captions each (offline)."""
-    from captioner.scenes import generate_scenes
+    from captioner.data.scenes import generate_scenes
 
     path = generate_scenes(
         out, n=num_scenes, seed=seed, difficulty=difficulty, image_size=image_size
@@ -158,8 +158,8 @@ def data_check(
 ) -> None:
     """List every bad example, duplicate, near-duplicate, train/test leak and caption problem by
     file (train/test as `train` splits it: same --test_size and --seed); exit 1 if there is any."""
-    from captioner.data import scan_source
-    from captioner.hygiene import check_hygiene, write_clean_manifest
+    from captioner.data.hygiene import check_hygiene, write_clean_manifest
+    from captioner.data.sources import scan_source
 
     args = _data_args(source, data_options)
     scan = scan_source(
@@ -222,7 +222,7 @@ def show(
     """Draw the first N examples with their (first) caption, wrapped, to a PNG.
 
     Without --test_size the rows are shown in stored order (the whole set is `train`)."""
-    from captioner.report import plot_samples
+    from captioner.evaluation.report import plot_samples
 
     dd = _data_args(source, {"test_size": 0, **data_options}).load(seed)
     if split not in dd or len(dd[split]) == 0:
@@ -238,7 +238,7 @@ def show(
 @parts_app.command("list")
 def parts_list() -> None:
     """The parts `parts get` can convert, and whether each is installed and converted."""
-    from captioner.parts import list_parts, part_status
+    from captioner.models.parts import list_parts, part_status
 
     table = Table(title="pretrained parts (use as --model vision=NAME or text=NAME)")
     for column in ("name", "package", "licence", "status", "what"):
@@ -256,7 +256,7 @@ def parts_get(
     """Convert a part once into the cache ($CAPTIONER_CACHE/parts) and print its folder."""
     import shutil
 
-    from captioner.parts import get_part
+    from captioner.models.parts import get_part
 
     _logging()
     folder = get_part(name)
@@ -280,8 +280,8 @@ def train(ctx: typer.Context) -> None:
     """
     import torch
 
-    from captioner.training import parse_train_args
-    from captioner.training import train as run_training
+    from captioner.training.trainer import parse_train_args
+    from captioner.training.trainer import train as run_training
 
     model_args, data_args, decoding, training_args = parse_train_args(ctx.args)
     _logging()
@@ -332,9 +332,9 @@ def eval_command(
     The split is the one the model was trained with (test_size, seed and columns from its
     captioner_config.json) unless the data flags say otherwise.
     """
-    from captioner.evaluation import TEACHER_FORCED_NOTE
+    from captioner.evaluation.evaluate import TEACHER_FORCED_NOTE
+    from captioner.evaluation.report import REPORT_METRICS
     from captioner.jobs.evaluate import EvalJob, run_eval
-    from captioner.report import REPORT_METRICS
 
     unknown = set(metric) - {"teacher_forced_wer"}
     if unknown:
@@ -560,8 +560,8 @@ def serve(
             f"`captioner serve` needs the serve extra ({err.name} is missing): "
             "pip install 'captioner[serve]'"
         ) from None
+    from captioner.data.images import DEFAULT_MAX_PIXELS
     from captioner.engine import Captioner
-    from captioner.images import DEFAULT_MAX_PIXELS
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print(f"[yellow]warning:[/] listening on {host} without --api_key")
@@ -622,7 +622,7 @@ def export(
     """Export for onnxruntime; `captioner caption OUT ...` then runs it (greedy or sampling).
 
     GIT exports; BLIP, VisionEncoderDecoder and LLaVA are refused with the reason."""
-    from captioner.export import export_onnx
+    from captioner.models.export import export_onnx
 
     if format != "onnx":
         raise CaptionerError(f"--format {format!r}: only onnx is supported")
@@ -639,7 +639,7 @@ def merge(
 ) -> None:
     """Fold a LoRA adapter into its base model: a plain folder that needs neither peft nor
     captioner (caption, eval and serve also take the adapter folder itself)."""
-    from captioner.models import merge_adapter
+    from captioner.models.build import merge_adapter
 
     console.print(f"merged model in {merge_adapter(adapter_dir, out)}")
 

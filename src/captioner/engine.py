@@ -12,12 +12,13 @@ Why batching does not change captions: every item in a batch has the same image 
 processor resizes) and the same prompt, so nothing is padded; greedy captions are the same as
 one-at-a-time captions (tested).
 
-Model families differ only in how the prompt is turned into ids (`_prompt_kwargs`). For GIT,
-BLIP and VisionEncoderDecoder a `prompt` is the start of the caption and stays in it. A LLaVA
-model is a decoder-only LM reading image tokens: its input is the caption prompt saved with it
-(compose.py: `<image>` x N, then "Caption:"); a `prompt` replaces that text, and the caption is
-what the model writes after it. Decoding options are a `DecodingOptions` (decoding.py); URLs are
-fetched by fetch.py.
+What differs between model families is asked of the family (models/families/): how images +
+prompt become generate's inputs (run in the loader worker, beside image decoding), what generate
+needs besides the decoding options, and how the prompt comes off the output. For GIT, BLIP and
+VisionEncoderDecoder a `prompt` is the start of the caption and stays in it; for LLaVA, chat
+models, PaliGemma, Florence-2 and BLIP-2 it is an instruction and the caption is what the model
+writes after it. Decoding options are a `DecodingOptions` (decoding.py); URLs are fetched by
+data/fetch.py.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ import psutil
 import torch
 from PIL import Image
 
-from captioner import precision
-from captioner.compose import LLAVA, prompt_ids
+from captioner.data.fetch import fetch, is_url
+from captioner.data.images import load_image, source_name
 from captioner.decoding import DecodingOptions
 from captioner.errors import BadImageError, CaptionerError
-from captioner.export import is_onnx_dir, load_onnx
-from captioner.fetch import fetch, is_url
-from captioner.images import load_image, source_name
-from captioner.models import load_model, training_options
+from captioner.models import precision
+from captioner.models.build import load_model, training_options
+from captioner.models.export import is_onnx_dir, load_onnx
+from captioner.models.families import Family, family_of
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +64,53 @@ def open_image(src: Any) -> Image.Image:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Decodes + preprocesses one image per item; a bad image becomes its BadImageError."""
+    """Decodes one image per item; a bad image becomes its BadImageError."""
 
-    def __init__(self, sources: Sequence[Any], image_processor) -> None:
+    def __init__(self, sources: Sequence[Any]) -> None:
         self.sources = sources
-        self.image_processor = image_processor
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int):
-        src = self.sources[i]
         try:
-            image = open_image(src)
-            pixels = self.image_processor(images=image, return_tensors="pt").pixel_values[0]
+            image = open_image(self.sources[i])
         except BadImageError as err:
             return i, err
-        except Exception as err:  # the processor choking on an odd image is a per-item failure
-            return i, BadImageError(source_name(src), f"cannot preprocess: {err}")
-        return i, pixels
+        image.info["source"] = source_name(self.sources[i])  # names it if preprocessing fails
+        return i, image
 
 
-def _collate(items):
-    return items  # keep (index, pixels | error) pairs; stacking happens after errors are removed
+class _Batch:
+    """The loader's collate function: the family turns a batch's decoded images + the prompt
+    into generate's inputs, in the worker. An image the processor chokes on fails alone."""
+
+    def __init__(self, family: Family, processor, prompt: str | None, config) -> None:
+        self.family, self.processor, self.prompt, self.config = family, processor, prompt, config
+
+    def __call__(self, items: list[tuple[int, Any]]):
+        good = [(i, im) for i, im in items if not isinstance(im, BadImageError)]
+        errors = [(i, e) for i, e in items if isinstance(e, BadImageError)]
+        try:
+            return self._inputs(good), errors
+        except Exception:  # find the image that fails, keep the rest
+            kept = []
+            for i, image in good:
+                try:
+                    self._inputs([(i, image)])
+                    kept.append((i, image))
+                except Exception as err:  # noqa: BLE001 - reported per image
+                    name = image.info.get("source", f"image {i}")
+                    errors.append((i, BadImageError(name, f"cannot preprocess: {err}")))
+            return self._inputs(kept), errors
+
+    def _inputs(self, good: list[tuple[int, Any]]):
+        if not good:
+            return [], None, 0
+        inputs, prompt_tokens = self.family.generation_inputs(
+            self.processor, [image for _, image in good], self.prompt, self.config
+        )
+        return [i for i, _ in good], inputs, prompt_tokens
 
 
 class Captioner:
@@ -101,8 +126,7 @@ class Captioner:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_processor = getattr(processor, "image_processor", processor)
-        self.family = model.config.model_type
-        self._prompt_ids: dict[tuple, list[int]] = {}  # LLaVA: per (prompt, image size)
+        self.family = family_of(model)
         # A model trained with --prompt captions with it unless told otherwise.
         self.default_prompt: str | None = None
 
@@ -185,10 +209,10 @@ class Captioner:
             # A worker process costs ~1 s to start; worth it only when there is work to overlap.
             num_workers = 1 if len(images) > 2 * batch_size else 0
         loader = torch.utils.data.DataLoader(
-            _Images(images, self.image_processor),
+            _Images(images),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=_collate,
+            collate_fn=_Batch(self.family, self.processor, decoding.prompt, self.model.config),
             pin_memory=self.device.type == "cuda",
         )
         gen_kwargs = self._generate_kwargs(decoding)
@@ -196,19 +220,17 @@ class Captioner:
         was_training = self.model.training  # the training callback passes the live model
         self.model.eval()
         try:
-            for batch in loader:
-                good = [(i, px) for i, px in batch if not isinstance(px, BadImageError)]
-                captions: dict[int, Any] = {}
+            for (good, inputs, prompt_tokens), errors in loader:
+                results: dict[int, Any] = dict(errors)
                 if good:
-                    pixels = torch.stack([px for _, px in good]).to(self.device, self.model.dtype)
-                    texts = self._generate(pixels, decoding, gen_kwargs)
-                    for k, (i, _) in enumerate(good):
+                    texts = self._generate(inputs, prompt_tokens, decoding, gen_kwargs)
+                    for k, i in enumerate(good):
                         group = texts[k * n_out : (k + 1) * n_out]
-                        captions[i] = group if n_out > 1 else group[0]
-                for i, px in batch:
-                    yield i, (px if isinstance(px, BadImageError) else captions[i])
+                        results[i] = group if n_out > 1 else group[0]
+                for i in sorted(results):
+                    yield i, results[i]
                 if progress is not None:
-                    progress(len(batch))
+                    progress(len(results))
         finally:
             self.model.train(was_training)
 
@@ -286,14 +308,11 @@ class Captioner:
     def max_new_tokens_limit(self) -> int | None:
         """How many tokens a caption may have before the text positions run out (GIT, BLIP and
         BERT decoders have a fixed number; the start token and a prompt token need room)."""
-        if self.family == LLAVA:
-            return None
-        text = self.model.config.get_text_config(decoder=True)
-        positions = getattr(text, "max_position_embeddings", None)
-        return None if positions is None else max(1, positions - 2)
+        return self.family.max_new_tokens_limit(self.model.config)
 
     def _generate_kwargs(self, decoding: DecodingOptions) -> dict[str, Any]:
-        kwargs = decoding.generate_kwargs()
+        kwargs = {**self.family.generate_kwargs(self.processor, self.model)}
+        kwargs.update(decoding.generate_kwargs())
         if decoding.bad_words:
             kwargs["bad_words_ids"] = self.bad_words_ids(decoding.bad_words)
         tok = self.tokenizer
@@ -301,42 +320,21 @@ class Captioner:
             kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else 0
         return kwargs
 
-    def _prompt_kwargs(self, prompt: str | None, pixels: torch.Tensor) -> tuple[dict, int]:
-        """Prompt ids for a batch of `pixels` (all items share the prompt, so no padding), and
-        how many tokens of the output are that prompt."""
-        n = len(pixels)
-        if self.family == LLAVA:
-            key = (prompt, *pixels.shape[-2:])
-            if key not in self._prompt_ids:
-                self._prompt_ids[key] = prompt_ids(self.processor, prompt, *pixels.shape[-2:])
-            ids = torch.tensor([self._prompt_ids[key]] * n, device=self.device)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.shape[1]
-        if not prompt:
-            return {}, 0
-        tok = self.tokenizer
-        ids = tok(prompt, add_special_tokens=False).input_ids
-        if self.family == "git":
-            # As GIT's docs: [CLS] + prompt, without the trailing [SEP] (that would end it).
-            start = self.model.config.bos_token_id
-            start = tok.cls_token_id if start is None else start
-            key, ids, shown = "input_ids", [start, *ids], len(ids) + 1
-        elif self.family == "blip":
-            # BLIP's generate swaps the first id for BOS and drops the last ([SEP]).
-            key, ids = "input_ids", tok(prompt).input_ids
-            shown = len(ids) - 1
-        else:  # vision-encoder-decoder: the prompt continues the decoder start token
-            key, ids = "decoder_input_ids", [self.model.config.decoder_start_token_id, *ids]
-            shown = len(ids)
-        return {key: torch.tensor([ids] * n, device=self.device)}, shown
-
     def _generate(
-        self, pixels: torch.Tensor, decoding: DecodingOptions, gen_kwargs: dict
-    ) -> list[str]:
-        inputs, prompt_tokens = self._prompt_kwargs(decoding.prompt, pixels)
-        ids = self.model.generate(pixel_values=pixels, **inputs, **gen_kwargs)
-        # A decoder-only LM (LLaVA) returns its instruction too; a GIT/BLIP/VED prompt is the
-        # start of the caption and stays unless the user drops it.
-        if self.family == LLAVA or not decoding.keep_prompt:
-            ids = ids[:, prompt_tokens:]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        self, inputs: dict[str, Any], prompt_tokens: int, decoding: DecodingOptions,
+        gen_kwargs: dict,
+    ) -> list[str]:  # fmt: skip
+        inputs = {k: self._to_device(v) for k, v in inputs.items()}
+        ids = self.model.generate(**inputs, **gen_kwargs)
+        texts = self.family.decode(
+            self.processor, ids, inputs, prompt_tokens, keep_prompt=decoding.keep_prompt
+        )
         return [decoding.finish(" ".join(t.split())) for t in texts]
+
+    def _to_device(self, value: Any) -> Any:
+        """Tensors to the model's device; floating ones (pixels) in the model's dtype."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point():
+            return value.to(self.device, self.model.dtype)
+        return value.to(self.device)

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from captioner.data.fetch import is_url
+from captioner.data.images import IMAGE_EXTENSIONS
 from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.fetch import is_url
-from captioner.images import IMAGE_EXTENSIONS
 from captioner.jobs.progress import progress_bar
 
 COLUMNS = ("image", "caption", "error")

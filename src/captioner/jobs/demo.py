@@ -17,16 +17,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioner import metrics
-from captioner.data import DataArguments, ImageColumn, load_captions
+from captioner.data.scenes import attribute_accuracy, generate_scenes
+from captioner.data.sources import DataArguments, ImageColumn, load_captions
 from captioner.engine import Captioner
-from captioner.evaluation import EvalResult, evaluate
+from captioner.evaluation import metrics
+from captioner.evaluation.evaluate import EvalResult, evaluate
+from captioner.evaluation.metrics import closest_reference
+from captioner.evaluation.report import plot_samples, write_eval_report
 from captioner.jobs.progress import progress_bar
-from captioner.metrics import closest_reference
-from captioner.models import needs_build
-from captioner.report import plot_samples, write_eval_report
-from captioner.scenes import attribute_accuracy, generate_scenes
-from captioner.training import (
+from captioner.models.build import needs_build
+from captioner.training.trainer import (
     PRESET_TRAINING_DEFAULTS,
     CaptionTrainingArguments,
     ModelArguments,

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioner.data import DataArguments, ImageColumn, first_rows
+from captioner.data.sources import DataArguments, ImageColumn, first_rows
 from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.evaluation import EvalResult, evaluate, teacher_forced_wer
+from captioner.evaluation.evaluate import EvalResult, evaluate, teacher_forced_wer
+from captioner.evaluation.report import write_eval_report
 from captioner.jobs.progress import progress_bar
-from captioner.models import training_options
-from captioner.report import write_eval_report
+from captioner.models.build import training_options
 
 # `--split all`: every row of the source, whatever its splits (a folder meant as a test set).
 ALL_SPLITS = "all"

@@ -23,15 +23,15 @@ and gives them back when it is answered. A full budget or a full queue is a 503 
 Retry-After, before any work is queued. A request whose client hangs up is cancelled, and its
 queued images are dropped before `generate`.
 
-The server fetches no URL unless `allow_url_fetch` is set; then `captioner.fetch`'s policy
+The server fetches no URL unless `allow_url_fetch` is set; then `captioner.data.fetch`'s policy
 applies (public addresses only, every redirect checked, one deadline, a byte limit) and every
 failure gets the same answer, so the server cannot be used to map its own network.
 `allowed_hosts` checks the Host header (DNS rebinding reaches even a 127.0.0.1 bind);
 `uvicorn_options` are the connection limits and timeouts to run it with.
 
 The owners of the rules this module applies: decoding options and their bounds are
-`captioner.decoding.DecodingOptions`, URL downloads and data: URLs are `captioner.fetch`, the
-pixel limit, the format whitelist and image decoding are `captioner.images`.
+`captioner.decoding.DecodingOptions`, URL downloads and data: URLs are `captioner.data.fetch`, the
+pixel limit, the format whitelist and image decoding are `captioner.data.images`.
 """
 
 from __future__ import annotations
@@ -58,10 +58,9 @@ from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from captioner import __version__, fetch
-from captioner.decoding import BOUNDS, MAX_PROMPT_CHARS, DecodingOptions, option_help
-from captioner.errors import BadImageError, CaptionerError
-from captioner.images import (
+from captioner import __version__
+from captioner.data import fetch
+from captioner.data.images import (
     ALLOWED_FORMATS,
     DEFAULT_MAX_PIXELS,
     NotAnImageError,
@@ -69,6 +68,8 @@ from captioner.images import (
     decoded_bytes,
     open_checked,
 )
+from captioner.decoding import BOUNDS, MAX_PROMPT_CHARS, DecodingOptions, option_help
+from captioner.errors import BadImageError, CaptionerError
 from captioner.serve import openai
 from captioner.serve.batcher import Batcher, Caption, QueueFullError
 

@@ -1,15 +1,12 @@
 """Batches for caption training: one caption per example per epoch, dynamic padding, -100 labels.
 
 The guide pads every caption to 512 tokens and trains on the pads (`labels = input_ids`). Here a
-batch is padded to its longest caption and every pad position is -100, so loss and compute cover
-caption tokens only. Image positions need nothing: GIT puts the image tokens in front of the text
-inside the model, slices them off the logits and shifts by one itself (`GitForCausalLM.forward`);
-BLIP's text decoder shifts too. So for both, labels are the input ids with pads masked.
-VisionEncoderDecoder builds its decoder inputs by shifting the labels right, so it gets labels
-alone (`labels_only=True`). A LLaVA model (found from its `LlavaProcessor`) reads everything as
-one sequence: its saved caption prompt with the image tokens (compose.py), then " " + caption +
-eos, padded on the right; labels are -100 on the image tokens, the prompt and the pads, so the
-loss covers the caption and its eos only (the model shifts them itself).
+batch is padded to its longest caption and every pad, prompt, image and template position is
+-100, so the loss covers the caption and its end token only. How images + prompt + caption
+become a batch is the family's (models/families/): a pixel family (GIT, BLIP,
+VisionEncoderDecoder, LLaVA compositions) gets its pixels from here, possibly cached, and makes
+the text part; a processor family (chat models, PaliGemma, Florence-2, BLIP-2) gets the decoded
+images and runs its processor on images and text together.
 
 Images are decoded here, in DataLoader workers, i.e. once per epoch at most; with `cache_dir` the
 preprocessed pixel values are kept on disk, keyed by the image file's hash and the image
@@ -29,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from captioner.compose import LLAVA, is_llava_processor, prompt_ids
+from captioner.data.images import load_image
 from captioner.errors import BadImageError, CaptionerError
-from captioner.images import load_image
+from captioner.models.families import Family
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +64,19 @@ class CaptionCollator:
     is iterated (training.py does it in a callback) so the drawn captions change across epochs."""
 
     processor: Any
+    family: Family
     seed: int = 0
     epoch: int = 0
-    cache_dir: str | os.PathLike | None = None
-    labels_only: bool = False
+    cache_dir: str | os.PathLike | None = None  # pixel families: preprocessed pixels on disk
     features: Any = None  # a features.FeatureCache: encoder outputs instead of pixels
     max_length: int | None = None
     image_column: str = "image"
     caption_column: str = "captions"
-    family: str | None = None  # "llava": prompt + caption in one sequence; unset: from processor
-    # A caption prefix ("a picture of"): every caption starts with it and its tokens carry no
-    # loss, so the model learns to continue it (GIT, BLIP, VED; LLaVA has its instruction).
+    # The caption prompt. For GIT, BLIP and VED a caption prefix ("a picture of"): every caption
+    # starts with it and its tokens carry no loss, so the model learns to continue it; for the
+    # other families an instruction (chat models) or task ("caption en", "<CAPTION>").
     prompt: str | None = None
     _config_key: str | None = field(default=None, init=False, repr=False)
-    _prompt_ids: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         tokenizer = self.processor.tokenizer
@@ -89,10 +85,10 @@ class CaptionCollator:
                 f"the tokenizer ({type(tokenizer).__name__}) has no pad token; "
                 "set one (e.g. the eos token) before training"
             )
-        if self.family is None and is_llava_processor(self.processor):
-            self.family = LLAVA
-        if self.family == LLAVA and self.features is not None:
-            raise CaptionerError("cached encoder features apply to VisionEncoderDecoder only")
+        if self.features is not None and not self.family.feature_cache:
+            raise CaptionerError(f"cached encoder features do not apply to {self.family.name}")
+        if not self.family.fixed_pixels and (self.features is not None or self.cache_dir):
+            raise CaptionerError(f"{self.family.name} batches are made from images, not caches")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         images, captions = [], []
@@ -106,74 +102,37 @@ class CaptionCollator:
             images.append(row[self.image_column])
             captions.append(draw_caption(caps, self.seed, self.epoch, int(index)))
 
+        if not self.family.fixed_pixels:
+            return self._from_images(images, captions)
         visual, kept = self.encoder_outputs(images) if self.features else self.pixels(images)
         if not kept:
             raise CaptionerError("every image in a batch failed to load (see the warnings above)")
         captions = [captions[i] for i in kept]
-        if self.family == LLAVA:
-            return {"pixel_values": visual, **self._llava_text(captions, visual.shape[-2:])}
-        if self.prompt:
-            captions = [f"{self.prompt.strip()} {c}" for c in captions]
-
-        text = self.processor.tokenizer(
+        text = self.family.text_inputs(
+            self.processor,
             captions,
-            padding="longest",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
+            self.prompt,
+            self.max_length,
+            tuple(visual.shape[-2:]),
         )
-        labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
-        if self.prompt:  # no loss on the prompt: positions 1..n, after the start token
-            labels[:, 1 : 1 + self._prompt_length()] = -100
-        inputs = {"encoder_outputs": (visual,)} if self.features else {"pixel_values": visual}
-        if self.labels_only:
-            return {**inputs, "labels": self._without_start_token(labels)}
-        return {
-            **inputs,
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-            "labels": labels,
-        }
+        if self.features:
+            return {**self.family.cached_inputs(visual), **text}
+        return {"pixel_values": visual, **text}
 
-    def _llava_text(self, captions: list[str], size) -> dict[str, torch.Tensor]:
-        """prompt + " " + caption + eos per row, right-padded; labels on caption and eos only."""
-        tokenizer = self.processor.tokenizer
-        key = tuple(size)
-        if key not in self._prompt_ids:
-            self._prompt_ids[key] = prompt_ids(self.processor, None, *key)
-        prompt = self._prompt_ids[key]
-        # The leading space: a byte-level BPE LM spells a word after "Caption:" with its space.
-        words = tokenizer(
-            [" " + c.strip() for c in captions],
-            add_special_tokens=False,
-            truncation=self.max_length is not None,
-            max_length=self.max_length,
-        ).input_ids
-        rows = [[*prompt, *ids, tokenizer.eos_token_id] for ids in words]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        labels = torch.full((len(rows), length), -100)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-            labels[i, len(prompt) : len(row)] = input_ids[i, len(prompt) : len(row)]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-    def _prompt_length(self) -> int:
-        return len(
-            self.processor.tokenizer(self.prompt.strip(), add_special_tokens=False).input_ids
+    def _from_images(self, images: list[Any], captions: list[str]) -> dict[str, Any]:
+        """A processor family's batch: decoded images + captions through the family."""
+        loaded, kept = [], []
+        for i, src in enumerate(images):
+            try:
+                loaded.append(load_image(src))
+                kept.append(i)
+            except BadImageError as err:
+                log.warning("skipping image %s", err)
+        if not kept:
+            raise CaptionerError("every image in a batch failed to load (see the warnings above)")
+        return self.family.training_inputs(
+            self.processor, loaded, [captions[i] for i in kept], self.prompt, self.max_length
         )
-
-    def _without_start_token(self, labels: torch.Tensor) -> torch.Tensor:
-        """VisionEncoderDecoder feeds `decoder_start_token_id` itself and shifts the labels right
-        after it, so a tokenizer's own start token ([CLS]) would be learned as a first word."""
-        start = self.processor.tokenizer.cls_token_id
-        if start is None:
-            start = self.processor.tokenizer.bos_token_id
-        if start is not None and labels.shape[1] > 1 and bool((labels[:, 0] == start).all()):
-            return labels[:, 1:]
-        return labels
 
     def encoder_outputs(self, images: list[Any]) -> tuple[torch.Tensor, list[int]]:
         """Cached encoder outputs of the images that have them, and their positions."""

@@ -34,9 +34,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub.utils import logging as hub_logging
 
-from captioner.errors import BadImageError, CaptionerError
-from captioner.hub import hub_reachable, is_offline
-from captioner.images import (
+from captioner.data.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
     IMAGE_EXTENSIONS,
@@ -44,8 +42,10 @@ from captioner.images import (
     load_image,
     source_name,
 )
+from captioner.errors import BadImageError, CaptionerError
+from captioner.hub import hub_reachable, is_offline
 
-log = logging.getLogger("captioner.data")
+log = logging.getLogger("captioner.data.sources")
 
 IMAGE_COLUMNS = ("image", "file_name", "image_path", "path", "filename", "file", "img")
 CAPTION_COLUMNS = ("text", "captions", "caption", "sentences", "txt")

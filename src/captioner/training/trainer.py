@@ -39,28 +39,30 @@ from transformers import (
     TrainingArguments,
 )
 
-from captioner import metrics
-from captioner.card import write_model_card
-from captioner.checkpoints import last_complete_checkpoint
-from captioner.collapse import DEFAULT_THRESHOLD, CollapseGuard, diversity
-from captioner.collate import INDEX_COLUMN, CaptionCollator
-from captioner.compose import freeze, vision_tower
-from captioner.data import DataArguments, ImageColumn, first_rows
+from captioner.data.sources import DataArguments, ImageColumn, first_rows
 from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
-from captioner.features import FeatureCache
+from captioner.evaluation import metrics
+from captioner.evaluation.report import plot_curves
 from captioner.hub import push_to_hub
-from captioner.lora import add_lora
-from captioner.models import (
+from captioner.models.build import (
     CONFIG_NAME,
     build_preset,
+    is_composition,
     is_preset,
     load_model,
     needs_build,
     preset_config,
 )
-from captioner.report import plot_curves
+from captioner.models.compose import freeze
+from captioner.models.families import family_of
+from captioner.models.lora import add_lora
+from captioner.training.card import write_model_card
+from captioner.training.checkpoints import last_complete_checkpoint
+from captioner.training.collapse import DEFAULT_THRESHOLD, CollapseGuard, diversity
+from captioner.training.collate import INDEX_COLUMN, CaptionCollator
+from captioner.training.features import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -330,13 +332,15 @@ def train(
         training_args.dataloader_num_workers = 0
     # 5. The collator (pixels cached on disk for small datasets) and the Trainer.
     n_images = len(train_ds) + len(eval_ds or [])
+    family = family_of(model)
+    pixel_cache = None
+    if family.fixed_pixels and features is None:
+        pixel_cache = _pixel_cache_dir(training_args.pixel_cache, processor, n_images)
     collator = CaptionCollator(
         processor,
+        family,
         seed=seed,
-        cache_dir=None
-        if features
-        else _pixel_cache_dir(training_args.pixel_cache, processor, n_images),
-        labels_only=model.config.model_type == "vision-encoder-decoder",
+        cache_dir=pixel_cache,
         features=features,
         prompt=(decoding or DecodingOptions()).prompt,
     )
@@ -370,18 +374,15 @@ def _frozen_features(
 ) -> FeatureCache | None:
     """Freeze the vision tower when asked (by default for composed models) and, for an
     encoder-decoder, fill the feature cache with every training and eval image."""
-    composed = needs_build(model_args.model) and model.config.model_type in (
-        "vision-encoder-decoder",
-        "llava",
-    )
-    setting = model_args.freeze or ("vision" if composed else "none")
+    setting = model_args.freeze or ("vision" if is_composition(model_args.model) else "none")
     if setting not in ("vision", "none"):
         raise CaptionerError(f"--freeze must be vision or none, not {setting!r}")
-    tower = vision_tower(model)
+    family = family_of(model)
+    tower = family.vision_tower(model)
     if setting == "none" or tower is None:
         return None
     log.info("froze the vision tower (%.1fM parameters)", freeze(tower) / 1e6)
-    if model_args.feature_cache == "off" or model.config.model_type != "vision-encoder-decoder":
+    if model_args.feature_cache == "off" or not family.feature_cache:
         return None
     root = model_args.feature_cache
     if root == "auto":
@@ -520,8 +521,9 @@ def _write_card(trainer, out, model_args, data_args, n_train: int, n_eval: int) 
         metrics=json.loads(results.read_text()) if results.is_file() else {},
         samples=trainer.last_samples,
         curves="curves.png",
-        family=trainer.model.config.model_type,
+        family=family_of(trainer.model).name,
         repo_id=args.hub_model_id,
+        prompt=trainer.decoding.prompt,
     )
 
 

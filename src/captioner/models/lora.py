@@ -22,16 +22,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from captioner.errors import CaptionerError
+from captioner.models.families import Family, family_of
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-# Attention projections by their usual names: Llama/Qwen/Gemma/DINOv2 (q_proj, v_proj),
-# BERT/GIT (query, value), GPT-2 (c_attn).
-ATTENTION_NAMES = ("q_proj", "v_proj", "query", "value", "c_attn")
-# Parts of a composition that start random: trained whole, saved with the adapter.
-RANDOM_PARTS = ("crossattention", "enc_to_dec_proj", "multi_modal_projector")
-VISION_PREFIXES = ("encoder.", "vision_tower.", "model.vision_tower.", "git.image_encoder.")
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -48,7 +43,10 @@ def add_lora(
     vision: bool = False,
 ) -> PeftModel:
     """`model` with LoRA adapters; only the adapters and the random parts train."""
-    targets = target_modules or _default_targets(model, vision)
+    # A module that is no transformers model gets the base family's defaults (and, having no
+    # such layers, the error below).
+    family = family_of(model) if hasattr(model, "config") else Family()
+    targets = target_modules or _default_targets(model, family, vision)
     if not targets:
         raise CaptionerError(
             "--lora_r: found no attention projections to adapt; name them with "
@@ -56,7 +54,11 @@ def add_lora(
         )
     # the random parts themselves, not their children (peft reloads only whole named modules)
     save = sorted(
-        {n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in RANDOM_PARTS}
+        {
+            n.split(".")[-1]
+            for n, _ in model.named_modules()
+            if n.split(".")[-1] in family.random_parts
+        }
     )
     config = LoraConfig(
         r=r,
@@ -95,18 +97,20 @@ def base_model_path(adapter_dir: str | os.PathLike) -> str:
     return recorded
 
 
-def _default_targets(model: torch.nn.Module, vision: bool) -> list[str]:
+def _default_targets(model: torch.nn.Module, family: Family, vision: bool) -> list[str]:
+    """The family's LoRA target layers by full name: in the language model only, unless
+    `vision` (the tower and the LM may share leaf names such as q_proj)."""
     found = set()
+    vision_prefixes = family.vision_prefixes()
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or _is_random_part(name):
+        if not isinstance(module, torch.nn.Linear) or _is_random_part(name, family):
             continue
-        in_vision = name.startswith(VISION_PREFIXES)
-        if in_vision and not vision:
+        if name.startswith(vision_prefixes) and not vision:
             continue
-        if name.split(".")[-1] in ATTENTION_NAMES:
-            found.add(name)  # full names: the tower and the LM may share leaf names (q_proj)
+        if name.split(".")[-1] in family.lora_targets:
+            found.add(name)
     return sorted(found)
 
 
-def _is_random_part(name: str) -> bool:
-    return any(part in name.split(".") for part in RANDOM_PARTS)
+def _is_random_part(name: str, family: Family) -> bool:
+    return any(part in name.split(".") for part in family.random_parts)

@@ -2,7 +2,12 @@
 
 A Hub id (`microsoft/git-base`) and a local directory written by `save_pretrained` go through the
 same `from_pretrained` call; a from-scratch preset (`tiny`, `small`) is just such a directory,
-built by `build_preset`. Families differ only in which transformers class loads them.
+built by `build_preset`. What differs between families (which class loads them, and the rest)
+is asked of the family (families/).
+
+One path through it: `model_source(name)` says what a name is (a preset, a composition, a LoRA
+adapter folder, a model folder or a Hub id); `build_preset` makes the first two into a folder,
+and `load_model` loads the rest through the family's class.
 """
 
 from __future__ import annotations
@@ -15,26 +20,23 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-import transformers
-from transformers import AutoConfig, AutoProcessor, GitConfig, GitForCausalLM, GitProcessor
+from transformers import AutoConfig
 
-from captioner.compose import CompositeSpec, build_composite, is_spec
 from captioner.errors import CaptionerError
 from captioner.hub import hub_reachable, is_offline
-from captioner.lora import attach, base_model_path, is_adapter_dir
-from captioner.tokenizer import train_wordpiece
+from captioner.models.compose import CompositeSpec, build_composite, is_spec
+from captioner.models.families import family_for
+from captioner.models.families.git import GitFamily
+from captioner.models.lora import attach, base_model_path, is_adapter_dir
+from captioner.models.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
 
 # Presets are small JSON files in presets/, found by scanning the folder: `tiny` and `small`
 # (from-scratch GIT), `dinov2-tiny` (a pretrained DINOv2 + a small decoder trained from scratch).
+_PRESET_DIR = resources.files("captioner.models.presets")
 PRESETS = tuple(
-    sorted(
-        f.name.removesuffix(".json")
-        for f in resources.files("captioner.presets").iterdir()
-        if f.name.endswith(".json")
-    )
+    sorted(f.name.removesuffix(".json") for f in _PRESET_DIR.iterdir() if f.name.endswith(".json"))
 )
 # Written by training beside the model: the options it ran with (its split, above all, so that
 # evaluation scores the held-out images and not training ones).
@@ -52,29 +54,18 @@ def needs_build(name: str | os.PathLike) -> bool:
     return is_preset(name) or is_spec(str(name))
 
 
+def is_composition(name: str | os.PathLike) -> bool:
+    """A model built from pretrained parts (a `vision=...,text=...` spec or a preset that
+    composes one): its pretrained vision tower is frozen by default."""
+    if is_spec(str(name)):
+        return True
+    return is_preset(name) and preset_config(str(name)).get("family", "git") != "git"
+
+
 def training_options(model_dir: str | os.PathLike) -> dict[str, Any]:
     """The options a captioner-trained model was trained with ({} for any other model)."""
     path = Path(model_dir) / CONFIG_NAME
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-# config.model_type -> the transformers class that generates captions for it.
-FAMILY_CLASSES = {
-    "git": "AutoModelForCausalLM",
-    "blip": "BlipForConditionalGeneration",
-    "vision-encoder-decoder": "VisionEncoderDecoderModel",
-    "llava": "LlavaForConditionalGeneration",
-}
-
-
-def model_family(config) -> str:
-    """The family key of a loaded `PretrainedConfig`, or a clear error for unsupported ones."""
-    if config.model_type not in FAMILY_CLASSES:
-        supported = ", ".join(FAMILY_CLASSES)
-        raise CaptionerError(
-            f"model type '{config.model_type}' is not supported (supported: {supported})"
-        )
-    return config.model_type
 
 
 def _load_error(name_or_path: str, err: Exception) -> CaptionerError:
@@ -103,7 +94,9 @@ def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False, mer
     name = str(name_or_path)
     if is_adapter_dir(name):
         base, _ = load_model(base_model_path(name), trust_remote_code=trust_remote_code)
-        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        processor = family_for(base.config).load_processor(
+            name, trust_remote_code=trust_remote_code
+        )
         return attach(base, name, merge=merge), processor
     if not Path(name).exists() and not is_offline() and not hub_reachable():
         raise _load_error(name, ConnectionError("the Hub is unreachable"))
@@ -111,12 +104,10 @@ def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False, mer
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _load_error(name, err) from None
-    model_cls = getattr(transformers, FAMILY_CLASSES[model_family(config)])
+    family = family_for(config)
     try:
-        model = model_cls.from_pretrained(
-            name, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = family.load_model(name, trust_remote_code=trust_remote_code)
+        processor = family.load_processor(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _load_error(name, err) from None
     return model, processor
@@ -140,7 +131,7 @@ def preset_config(name: str) -> dict:
         return json.loads(Path(name).read_text())
     if name not in PRESETS:
         raise CaptionerError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
-    return json.loads(resources.files("captioner.presets").joinpath(f"{name}.json").read_text())
+    return json.loads(_PRESET_DIR.joinpath(f"{name}.json").read_text())
 
 
 def build_preset(name: str, captions: Iterable[str], out_dir: str | Path, *, seed: int = 0) -> Path:
@@ -166,45 +157,4 @@ def build_preset(name: str, captions: Iterable[str], out_dir: str | Path, *, see
         vocab_size=spec.get("tokenizer_vocab_size", 1000),
         model_max_length=spec["max_position_embeddings"],
     )
-    return build_git(spec, tokenizer, out_dir, seed=seed)
-
-
-def build_git(spec: dict, tokenizer, out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Save a randomly initialised GIT shaped by a preset `spec`, with `tokenizer`'s vocabulary
-    and special ids, plus its `GitProcessor`, to `out_dir`. Any BERT-style tokenizer works: a
-    caption-trained one (presets) or git-base's real 30,522-word vocabulary (tests, benchmarks).
-    `seed` fixes the initial weights (a local generator: the caller's global RNG is untouched)."""
-    # Imported here: without torchvision, importing it logs a fallback warning that commands which
-    # never build a model (`captioner show`) should not print.
-    from transformers import CLIPImageProcessor
-
-    size = spec["image_size"]
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
-    config = GitConfig(
-        vision_config=spec["vision_config"],
-        vocab_size=len(tokenizer),
-        hidden_size=spec["hidden_size"],
-        intermediate_size=spec["intermediate_size"],
-        num_hidden_layers=spec["num_hidden_layers"],
-        num_attention_heads=spec["num_attention_heads"],
-        max_position_embeddings=spec["max_position_embeddings"],
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GitForCausalLM(config)
-    model.generation_config.bos_token_id = tokenizer.cls_token_id
-    model.generation_config.eos_token_id = tokenizer.sep_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    GitProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("built GIT: %.2fM parameters, vocab %d -> %s", n_params / 1e6, len(tokenizer), out)
-    return out
+    return GitFamily().build(spec, tokenizer, out_dir, seed=seed)

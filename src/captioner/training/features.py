@@ -33,9 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils.logging import tqdm
 
-from captioner.collate import content_hash
+from captioner.data.images import load_image
 from captioner.errors import BadImageError, CaptionerError
-from captioner.images import load_image
+from captioner.training.collate import content_hash
 
 log = logging.getLogger(__name__)
 

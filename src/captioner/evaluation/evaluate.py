@@ -18,12 +18,13 @@ from typing import Any
 import jiwer
 import torch
 
-from captioner import metrics
-from captioner.data import ImageColumn, first_rows
+from captioner.data.images import load_image
+from captioner.data.sources import ImageColumn, first_rows
 from captioner.decoding import DecodingOptions
 from captioner.engine import Captioner, ProgressFn
 from captioner.errors import BadImageError, CaptionerError
-from captioner.images import load_image
+from captioner.evaluation import metrics
+from captioner.models.families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,11 @@ def teacher_forced_wer(
     edits over total reference words). Unlike the guide's Trainer, logits are reduced to argmax
     batch by batch instead of being gathered for the whole split.
     """
-    if model.config.model_type not in ("git", "blip"):
+    family = family_of(model)
+    if not family.teacher_forced:
         raise CaptionerError(
             "teacher_forced_wer reproduces the guide's GIT recipe (input_ids as labels); "
-            f"it does not apply to model type '{model.config.model_type}'"
+            f"it does not apply to {family.name} models"
         )
     _check_columns(dataset)
     dataset = first_rows(dataset, max_samples)

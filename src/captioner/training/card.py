@@ -22,8 +22,10 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from captioner.lora import ADAPTER_CONFIG
-from captioner.models import FAMILY_CLASSES, is_preset, needs_build
+from captioner.errors import CaptionerError
+from captioner.models.build import is_preset, needs_build
+from captioner.models.families import family_for, family_named
+from captioner.models.lora import ADAPTER_CONFIG
 
 CARD_NAME = "README.md"
 NUM_SAMPLES = 8
@@ -141,13 +143,14 @@ def write_model_card(
     from their defaults (credentials are left out); `metrics`: final scores (`eval_` prefixes
     are dropped); `samples`: (generated caption, references) pairs, the first eight are shown;
     `curves`: an image file in `output_dir` (skipped when it is not there); `family`: the config's
-    model_type (`git`, `blip`, `vision-encoder-decoder`, `llava`), read from `config.json` when
+    family's name (`git`, `llava`, `chat`, ...: models/families), read from `config.json` when
     not given; `repo_id`: the Hub id the usage snippets name (default: the folder).
     """
     out = Path(output_dir)
     adapter = _adapter_base(out)
-    family = family or _model_type(out)
-    model_class = FAMILY_CLASSES.get(family or "", "AutoModel")
+    family_obj = _family(family, out)
+    family = family_obj.name if family_obj else family
+    model_class = family_obj.model_class if family_obj else "AutoModel"
     model_ref = repo_id or str(output_dir)
     scores = {k.removeprefix("eval_"): v for k, v in metrics.items()}
     shown = [
@@ -203,7 +206,7 @@ def write_model_card(
         ],
         curves=curves,
         model_ref=model_ref,
-        transformers_code=_transformers_code(family, model_class, model_ref, adapter),
+        transformers_code=_transformers_code(family_obj, model_class, model_ref, adapter, prompt),
     )
     path = out / CARD_NAME
     out.mkdir(parents=True, exist_ok=True)
@@ -211,42 +214,40 @@ def write_model_card(
     return path
 
 
-def _transformers_code(family: str | None, model_class: str, ref: str, adapter: str | None) -> str:
-    load = f'model = {model_class}.from_pretrained("{ref}")'
-    if adapter is not None:
-        load = (
-            f'base = {model_class}.from_pretrained("{adapter}")\n'
-            f'model = PeftModel.from_pretrained(base, "{ref}").merge_and_unload()'
-        )
+def _transformers_code(
+    family, model_class: str, ref: str, adapter: str | None, prompt: str | None
+) -> str:
+    """The card's snippet: plain transformers (+ peft for an adapter), the family's recipe."""
     imports = [
         "from PIL import Image",
         f"from transformers import AutoProcessor, {model_class}",
         *(["from peft import PeftModel"] if adapter is not None else []),
     ]
-    if family == "llava":
+    if family is None:
         run = (
-            "prompt = processor.apply_chat_template(\n"
-            '    [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True\n'
-            ")\n"
-            'inputs = processor(images=image, text=prompt, return_tensors="pt")\n'
-            "ids = model.generate(**inputs, max_new_tokens=30)[:, inputs.input_ids.shape[1]:]"
+            f'model = {model_class}.from_pretrained("{ref}")\n'
+            f'processor = AutoProcessor.from_pretrained("{ref}")'
         )
     else:
-        run = (
-            'pixel_values = processor(images=image, return_tensors="pt").pixel_values\n'
-            "ids = model.generate(pixel_values=pixel_values, max_new_tokens=30)"
+        run = family.usage_snippet(model_class, ref, prompt)
+    if adapter is not None:
+        run = run.replace(
+            f'model = {model_class}.from_pretrained("{ref}")',
+            f'base = {model_class}.from_pretrained("{adapter}")\n'
+            f'model = PeftModel.from_pretrained(base, "{ref}").merge_and_unload()',
         )
-    return "\n".join(
-        [
-            *imports,
-            "",
-            load,
-            f'processor = AutoProcessor.from_pretrained("{ref}")',
-            'image = Image.open("photo.jpg").convert("RGB")',
-            run,
-            "print(processor.batch_decode(ids, skip_special_tokens=True)[0].strip())",
-        ]
-    )
+    return "\n".join([*imports, "", run])
+
+
+def _family(name: str | None, out: Path):
+    """The family named, else the one config.json says; None when neither is known."""
+    try:
+        if name:
+            return family_named(name)
+        config = json.loads((out / "config.json").read_text())
+        return family_for(config)
+    except (OSError, ValueError, CaptionerError):
+        return None
 
 
 def _adapter_base(out: Path) -> str | None:
@@ -259,13 +260,6 @@ def _adapter_base(out: Path) -> str | None:
     except (OSError, ValueError):
         base = None
     return str(base) if base else "BASE_MODEL"
-
-
-def _model_type(out: Path) -> str | None:
-    try:
-        return json.loads((out / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
 
 
 def _is_hub_id(name: str | None) -> bool:

@@ -20,10 +20,10 @@ from typing import Any, NamedTuple
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template, select_autoescape
 from matplotlib.figure import Figure
 
+from captioner.data.images import load_image
 from captioner.errors import BadImageError
-from captioner.evaluation import TEACHER_FORCED_NOTE, EvalResult
-from captioner.images import load_image
-from captioner.metrics import SPICE_NOTE
+from captioner.evaluation.evaluate import TEACHER_FORCED_NOTE, EvalResult
+from captioner.evaluation.metrics import SPICE_NOTE
 
 CURVE_METRICS = ("cider", "wer", "exact_match", "bleu_4")
 
@@ -244,7 +244,7 @@ def _format_number(value: Any) -> str:
 def _template() -> Template:
     """The report template, from the package, with autoescaping on."""
     env = Environment(
-        loader=PackageLoader("captioner", "templates"),
+        loader=PackageLoader("captioner.evaluation", "templates"),
         autoescape=select_autoescape(("html", "html.j2"), default=True),
         undefined=StrictUndefined,
         trim_blocks=True,

@@ -50,7 +50,8 @@ from transformers.generation import (
 )
 
 from captioner.errors import CaptionerError
-from captioner.models import CONFIG_NAME, load_model
+from captioner.models.build import CONFIG_NAME, load_model
+from captioner.models.families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,6 @@ DECODER_FILE = "text_decoder.onnx"
 FORMAT_VERSION = 1
 OPSET = 17
 # Families captioner cannot export, and why (one line each, shown as the error).
-NOT_EXPORTABLE = {
-    "blip": "its ONNX export lives in optimum-onnx, which needs transformers < 4.58 (captioner "
-    "runs transformers 5); only GIT is exported by captioner itself",
-    "vision-encoder-decoder": "its ONNX export lives in optimum-onnx, which needs transformers "
-    "< 4.58 (captioner runs transformers 5); only GIT is exported by captioner itself",
-    "llava": "a decoder-only LM over image tokens: captioner's exporter covers GIT only",
-}
 
 
 def is_onnx_dir(path: Any) -> bool:
@@ -90,10 +84,9 @@ def export_onnx(
     if is_onnx_dir(model_dir):
         raise CaptionerError(f"{model_dir}: already an ONNX export")
     model, processor = load_model(model_dir)
-    family = model.config.model_type
-    if family != "git":
-        why = NOT_EXPORTABLE.get(family, "captioner's exporter covers GIT only")
-        raise CaptionerError(f"cannot export a {family} model to ONNX: {why}")
+    family = family_of(model)
+    if not family.onnx_export:
+        raise CaptionerError(f"cannot export a {family.name} model to ONNX: {family.onnx_refusal}")
     if getattr(model.config, "num_image_with_embedding", None):
         raise CaptionerError("cannot export a video GIT (num_image_with_embedding) to ONNX")
     model = model.to(torch.float32).eval()
@@ -115,7 +108,7 @@ def export_onnx(
     meta = {
         "format": "captioner-onnx",
         "version": FORMAT_VERSION,
-        "family": family,
+        "family": family.name,
         "int8": int8,
         "source": str(model_dir),
         "encoder": ENCODER_FILE,

@@ -39,9 +39,9 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from captioner.data import load_captions
+from captioner.data.images import DEFAULT_MAX_PIXELS, decode_rgb, open_checked
+from captioner.data.sources import load_captions
 from captioner.errors import BadImageError, CaptionerError
-from captioner.images import DEFAULT_MAX_PIXELS, decode_rgb, open_checked
 
 log = logging.getLogger(__name__)
 

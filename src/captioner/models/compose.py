@@ -47,7 +47,6 @@ fast.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -55,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -74,8 +72,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging as hf_logging
 
 from captioner.errors import CaptionerError
-from captioner.parts import get_part, is_part
-from captioner.tokenizer import train_wordpiece
+from captioner.models.families.llava import DEFAULT_PROMPT, IMAGE_TOKEN, caption_template
+from captioner.models.parts import get_part, is_part
+from captioner.models.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +82,6 @@ SCRATCH = "scratch"
 VED = "vision-encoder-decoder"
 LLAVA = "llava"
 FAMILIES = (VED, LLAVA)
-IMAGE_TOKEN = "<image>"
-DEFAULT_PROMPT = "Caption:"
 # Backbone bookkeeping that goes stale when layers are dropped (VED's config check then fails).
 _BACKBONE_KEYS = ("stage_names", "out_features", "out_indices", "architectures")
 
@@ -304,66 +301,6 @@ def build_llava(spec: CompositeSpec, out_dir: str | Path, *, seed: int = 0) -> P
         out,
     )
     return out
-
-
-def caption_template(prompt: str) -> str:
-    """The processor's chat template: a turn renders as its images, then its text; a user turn
-    without text asks for a caption with `prompt`; an assistant turn (a caption) follows after a
-    space, as in training."""
-    return (
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'assistant' %} {% endif -%}"
-        "{%- if message['content'] is string -%}{{- message['content'] -}}"
-        "{%- else -%}"
-        "{%- set ns = namespace(text=false) -%}"
-        "{%- for item in message['content'] -%}"
-        f"{{%- if item['type'] == 'image' -%}}{IMAGE_TOKEN}"
-        "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- set ns.text = true -%}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if message['role'] == 'user' and not ns.text -%}"
-        f"{{{{- {json.dumps(prompt)} -}}}}"
-        "{%- endif -%}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-    )
-
-
-def is_llava_processor(processor: Any) -> bool:
-    return isinstance(processor, LlavaProcessor)
-
-
-def caption_prompt(processor: LlavaProcessor, text: str | None = None) -> str:
-    """The prompt text of a LLaVA captioner, `<image>` placeholder included: its saved caption
-    prompt, or `text` in its place. A processor without a chat template gets `<image>text`."""
-    content: list[dict[str, str]] = [{"type": "image"}]
-    if text:
-        content.append({"type": "text", "text": text})
-    if not getattr(processor, "chat_template", None):
-        return processor.image_token + (text or "")
-    return processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
-
-
-def prompt_ids(processor: LlavaProcessor, text: str | None, height: int, width: int) -> list[int]:
-    """Token ids of the caption prompt for images preprocessed to `height` x `width`, with the
-    image token repeated as the model needs. The processor itself expands it (on a blank image
-    of that size), so the ids are those a plain-transformers caller gets."""
-    blank = Image.new("RGB", (width, height))
-    inputs = processor(images=[blank], text=[caption_prompt(processor, text)], return_tensors="pt")
-    return inputs["input_ids"][0].tolist()
-
-
-def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The image encoder of a loaded captioner, for freezing and feature caching."""
-    for path in ("encoder", "model.vision_tower", "vision_tower", "git.image_encoder"):
-        module = model
-        for attr in path.split("."):
-            module = getattr(module, attr, None)
-        if module is not None:
-            return module
-    return None
 
 
 def freeze(module: torch.nn.Module) -> int:

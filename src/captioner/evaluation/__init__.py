@@ -1,0 +1,1 @@
+"""Evaluation: metrics (pycocoevalcap + jiwer), generate-and-score, and the reports."""
