@@ -197,7 +197,8 @@ def time_fills(record: list) -> None:
 def run_train(flags: dict, budget_s: float | None = None) -> dict:
     import torch
 
-    from captioner.training.trainer import parse_train_args, train
+    from captioner.training.arguments import parse_train_args
+    from captioner.training.trainer import train
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # as `captioner train` does
     fills: list = []

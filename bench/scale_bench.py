@@ -217,7 +217,8 @@ def train_child(spec: dict) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from captioner.training.trainer import parse_train_args, train
+    from captioner.training.arguments import parse_train_args
+    from captioner.training.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -187,8 +187,9 @@ def run_ours(preset: str, data: Path, steps: int, out: Path) -> dict:
 
     from captioner.data.sources import load_captions
     from captioner.models.build import load_model
+    from captioner.training.arguments import parse_train_args
     from captioner.training.collate import CaptionCollator
-    from captioner.training.trainer import _with_index, parse_train_args, train
+    from captioner.training.trainer import _with_index, train
 
     timer = timer_callback()
     flags = {

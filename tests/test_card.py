@@ -186,7 +186,8 @@ def _training_writes_cards() -> bool:
 @pytest.mark.skipif(not _training_writes_cards(), reason="training does not write a card yet")
 def test_training_writes_the_card(tmp_path, monkeypatch):
     from captioner.data.scenes import generate_scenes
-    from captioner.training.trainer import parse_train_args, train
+    from captioner.training.arguments import parse_train_args
+    from captioner.training.trainer import train
 
     monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "cache"))
     data = generate_scenes(tmp_path / "scenes", n=20, seed=2)

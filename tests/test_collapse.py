@@ -149,7 +149,8 @@ def _cache(tmp_path, monkeypatch):
 
 
 def _train(out: Path, data: Path, *flags: str, callbacks=None):
-    from captioner.training.trainer import parse_train_args, train
+    from captioner.training.arguments import parse_train_args
+    from captioner.training.trainer import train
 
     model, data_args, decoding, args = parse_train_args(
         ["--model", "tiny", "--data", str(data), "--output_dir", str(out), *COLLAPSE_FLAGS, *flags]
@@ -181,7 +182,7 @@ def test_forced_collapse_warns_and_stops(tmp_path, scenes40, caplog):
 
 
 def _wired() -> bool:
-    from captioner.training.trainer import CaptionTrainingArguments
+    from captioner.training.arguments import CaptionTrainingArguments
 
     return "stop_on_collapse" in {f.name for f in dataclasses.fields(CaptionTrainingArguments)}
 

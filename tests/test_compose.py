@@ -18,10 +18,11 @@ from captioner.errors import CaptionerError
 from captioner.models.build import build_preset, load_model
 from captioner.models.compose import CompositeSpec
 from captioner.models.families import family_named
+from captioner.training.arguments import parse_train_args
 from captioner.training.checkpoints import last_complete_checkpoint as last_checkpoint
 from captioner.training.collate import CaptionCollator
 from captioner.training.features import FeatureCache
-from captioner.training.trainer import parse_train_args, train
+from captioner.training.trainer import train
 
 VED = family_named("vision-encoder-decoder")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

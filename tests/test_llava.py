@@ -21,8 +21,9 @@ from captioner.models.build import build_preset, load_model
 from captioner.models.compose import LLAVA, VED, CompositeSpec, composite_family, is_decoder_only
 from captioner.models.families import family_named, family_of
 from captioner.models.families.llava import caption_prompt, prompt_ids
+from captioner.training.arguments import parse_train_args
 from captioner.training.collate import CaptionCollator
-from captioner.training.trainer import parse_train_args, train
+from captioner.training.trainer import train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 N_IMAGE_TOKENS = 17  # 32 px / 8 px patches = 16, + CLS ("full")

@@ -12,7 +12,8 @@ from captioner.engine import Captioner
 from captioner.errors import CaptionerError
 from captioner.models.build import load_model, merge_adapter
 from captioner.models.lora import add_lora, is_adapter_dir
-from captioner.training.trainer import parse_train_args, train
+from captioner.training.arguments import parse_train_args
+from captioner.training.trainer import train
 
 FAST = [
     "--per_device_train_batch_size", "8", "--max_new_tokens", "8", "--logging_steps", "1",

@@ -13,8 +13,9 @@ from captioner.engine import Captioner
 from captioner.errors import CaptionerError
 from captioner.models.build import load_model
 from captioner.models.families import family_named
+from captioner.training.arguments import parse_train_args
 from captioner.training.collate import CaptionCollator
-from captioner.training.trainer import parse_train_args, train
+from captioner.training.trainer import train
 
 
 def test_prompt_tokens_carry_no_loss(tiny_model_dir):

@@ -17,14 +17,14 @@ from transformers import TrainerCallback
 
 from captioner.data.sources import DataArguments
 from captioner.errors import CaptionerError
-from captioner.training.checkpoints import last_complete_checkpoint as last_checkpoint
-from captioner.training.trainer import (
+from captioner.training.arguments import (
     CaptionTrainingArguments,
     ModelArguments,
     load_config_file,
     parse_train_args,
-    train,
 )
+from captioner.training.checkpoints import last_complete_checkpoint as last_checkpoint
+from captioner.training.trainer import train
 
 ENV = {
     **os.environ,

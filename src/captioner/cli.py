@@ -266,6 +266,41 @@ def parts_get(
     typer.echo(str(folder))
 
 
+# --- models ---
+
+
+@app.command("models")
+def models_command() -> None:
+    """The model families captioner trains, captions and serves, and what each supports.
+
+    `train --model`, `caption`, `eval` and `serve` take a Hub id or folder of any of them.
+    """
+    from captioner.models.families import FAMILIES
+
+    out = Console(soft_wrap=False)
+    for family in FAMILIES:
+        row = family.describe()
+        out.print(f"[bold]{row['family']}[/]  ({row['class']})", highlight=False)
+        out.print(f"  prompted by   {escape(row['prompting'])}", highlight=False)
+        if family.default_prompt:
+            out.print(f"  prompt        {escape(repr(family.default_prompt))}", highlight=False)
+        out.print(
+            f"  LoRA {_yes(row['lora'])} · feature cache {_yes(row['feature_cache'])} · "
+            f"ONNX export {_yes(row['onnx'])}",
+            highlight=False,
+        )
+        if family.hub_examples:
+            out.print(f"  e.g.          {', '.join(family.hub_examples)}", highlight=False)
+    out.print(
+        "chat: any other AutoModelForImageTextToText model whose processor has a chat template",
+        highlight=False,
+    )
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 # --- train ---
 
 TRAIN_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -280,7 +315,7 @@ def train(ctx: typer.Context) -> None:
     """
     import torch
 
-    from captioner.training.trainer import parse_train_args
+    from captioner.training.arguments import parse_train_args
     from captioner.training.trainer import train as run_training
 
     model_args, data_args, decoding, training_args = parse_train_args(ctx.args)

@@ -246,10 +246,14 @@ class Captioner:
         layers = getattr(text, "num_hidden_layers", 12)
         hidden = getattr(text, "hidden_size", 768)
         vision = getattr(cfg, "vision_config", None) or getattr(cfg, "encoder", None)
-        n_img = 256
+        # Image positions: LLaVA says; a fixed-size tower has (side / patch)^2 + 1; a dynamic-
+        # resolution model (Qwen-VL, image splitting) is counted generously.
+        n_img = 1024
         if getattr(cfg, "image_seq_length", None):  # LLaVA: image tokens in the LM's sequence
             n_img = cfg.image_seq_length
-        elif vision is not None and getattr(vision, "patch_size", None):
+        elif isinstance(getattr(vision, "image_size", None), int) and isinstance(
+            getattr(vision, "patch_size", None), int
+        ):
             n_img = (vision.image_size // vision.patch_size) ** 2 + 1
         elt = torch.finfo(self.model.dtype).bits // 8
         # keys+values per layer, x2 slack for activations / the vision encoder / beam reorders.

@@ -26,12 +26,12 @@ from captioner.evaluation.metrics import closest_reference
 from captioner.evaluation.report import plot_samples, write_eval_report
 from captioner.jobs.progress import progress_bar
 from captioner.models.build import needs_build
-from captioner.training.trainer import (
+from captioner.training.arguments import (
     PRESET_TRAINING_DEFAULTS,
     CaptionTrainingArguments,
     ModelArguments,
-    train,
 )
+from captioner.training.trainer import train
 
 # The demo fine-tunes a pretrained composition (`dinov2-tiny`: a frozen DINOv2-small cut to 6
 # layers + a 2-layer decoder trained from scratch) on cached encoder features. Measured on 2 CPU

@@ -44,6 +44,8 @@ class Family:
     # AutoModelForImageTextToText mapping: see families/__init__.py).
     model_types: ClassVar[tuple[str, ...]] = ()
     model_class: ClassVar[str] = IMAGE_TEXT_TO_TEXT
+    # Real checkpoints of the family (what a user with the Hub passes as --model).
+    hub_examples: ClassVar[tuple[str, ...]] = ()
     # One line for `captioner models`: how the family is prompted.
     prompting: ClassVar[str] = ""
     # The caption prompt when the user gives none (None: the model's own or no prompt).
@@ -57,9 +59,11 @@ class Family:
         "vision_tower",
         "model.vision_model",
         "vision_model",
+        "model.visual",  # Qwen-VL
+        "visual",
     )
     # Leaf names of the language model's linear layers LoRA adapts by default.
-    lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
     # Modules that start random in a captioner-built model: trained whole next to LoRA.
     random_parts: ClassVar[tuple[str, ...]] = ()
     feature_cache: ClassVar[bool] = False
@@ -146,6 +150,7 @@ class Family:
         with padding_side(processor, "right"):
             batch = self.processor_inputs(processor, images, full)
             prompt_batch = self.processor_inputs(processor, images, [prompt_text] * len(images))
+        self.keep_prompt_only_inputs(batch, prompt_batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = ids.masked_fill(mask == 0, -100)
         prompt_lengths = prompt_batch["attention_mask"].sum(1)
@@ -157,6 +162,10 @@ class Family:
                 labels[row, done[0] + 1 :] = -100
         batch["labels"] = labels
         return batch
+
+    def keep_prompt_only_inputs(self, batch: dict[str, Any], prompt_batch: dict[str, Any]) -> None:
+        """Replace inputs that must not see the caption with the prompt-only call's (a family
+        whose image encoder also reads the text: InstructBLIP's Q-Former)."""
 
     def generation_inputs(
         self, processor, images: list, prompt: str | None, model_config=None

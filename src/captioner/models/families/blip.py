@@ -11,6 +11,7 @@ from captioner.models.families.base import PixelFamily
 
 class BlipFamily(PixelFamily):
     name = "blip"
+    hub_examples = ("Salesforce/blip-image-captioning-base",)
     model_types = ("blip",)
     model_class = "BlipForConditionalGeneration"
     prompting = "image, then an optional caption prefix (conditional captioning)"

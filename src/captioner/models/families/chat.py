@@ -19,6 +19,13 @@ DEFAULT_PROMPT = "Describe this image in one sentence."
 
 class ChatFamily(Family):
     name = "chat"
+    hub_examples = (
+        "HuggingFaceTB/SmolVLM-256M-Instruct",
+        "Qwen/Qwen2-VL-2B-Instruct",
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        "google/gemma-3-4b-it",
+        "llava-hf/llava-v1.6-mistral-7b-hf",
+    )
     prompting = "chat template: user turn = image + prompt, assistant turn = caption"
     default_prompt = DEFAULT_PROMPT
 

@@ -15,6 +15,7 @@ from captioner.models.families.base import Family, padding_side
 
 class Florence2Family(Family):
     name = "florence2"
+    hub_examples = ("florence-community/Florence-2-base",)
     model_types = ("florence2",)
     model_class = "Florence2ForConditionalGeneration"
     prompting = "task token (<CAPTION>, <DETAILED_CAPTION>) to the encoder; caption = decoder"

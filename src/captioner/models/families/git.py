@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 class GitFamily(PixelFamily):
     name = "git"
+    hub_examples = ("microsoft/git-base", "microsoft/git-large-coco")
     model_types = ("git",)
     model_class = "AutoModelForCausalLM"
     prompting = "image tokens, then [CLS] + an optional caption prefix"

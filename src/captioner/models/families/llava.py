@@ -25,6 +25,7 @@ DEFAULT_PROMPT = "Caption:"
 
 class LlavaFamily(PixelFamily):
     name = "llava"
+    hub_examples = ("llava-hf/llava-1.5-7b-hf",)
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
     prompting = "chat template: <image> x N + saved prompt; the caption follows after a space"

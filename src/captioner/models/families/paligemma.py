@@ -12,12 +12,14 @@ from captioner.models.families.base import Family, padding_side
 
 class PaliGemmaFamily(Family):
     name = "paligemma"
+    hub_examples = ("google/paligemma2-3b-pt-224",)
     model_types = ("paligemma",)
     prompting = 'task prefix ("caption en") after the image tokens; caption as `suffix=`'
     default_prompt = "caption en"
 
     def prompt_text(self, processor, prompt: str | None) -> str:
-        return prompt or self.default_prompt
+        # The image placeholder written out: without it the processor warns on every call.
+        return getattr(processor, "image_token", "<image>") + (prompt or self.default_prompt)
 
     def training_inputs(self, processor, images, captions, prompt, max_length=None):
         text = self.prompt_text(processor, prompt)

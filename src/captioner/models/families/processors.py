@@ -1,13 +1,17 @@
 """Processors without torchvision.
 
-SmolVLM/Idefics3 and the Qwen-VL processors also build a video processor, which imports
-torchvision; there is no torchvision for the CPU build of torch captioner pins, and captioning
-never needs video. When `AutoProcessor` fails for that reason, the processor is assembled from
-its image processor and tokenizer (and the saved chat template and processor settings), which is
-all that images + text need."""
+SmolVLM/Idefics3 and the Qwen-VL processors take a video processor, and building one imports
+torchvision, which has no build for the CPU torch captioner pins (and captioning never needs
+video). Where `AutoProcessor` fails for that reason, the same processor class is built
+image-only from the saved parts: its image processor (the PIL one), its tokenizer, its saved
+settings (`image_seq_len`, ...) and chat template. `ProcessorMixin` insists that every
+sub-processor in `__init__`'s signature is given, so `image_only` makes a same-named subclass
+whose signature has no `video_processor`; saving it still records the real class name, so the
+folder loads with plain `AutoProcessor` wherever torchvision exists."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -15,66 +19,99 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# Keys of processor_config.json that are not the processor's own settings.
+_NOT_SETTINGS = ("processor_class", "auto_map", "image_processor", "video_processor")
+
 
 def load_processor(name: str, **kwargs: Any):
+    """`AutoProcessor.from_pretrained(name)`, or the image-only build where video needs
+    torchvision and torchvision is missing."""
     from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
 
     try:
         return AutoProcessor.from_pretrained(name, **kwargs)
-    except (ImportError, ValueError, OSError, TypeError) as err:
-        if "torchvision" not in str(err) and "Torchvision" not in str(err):
+    except (ImportError, OSError, AttributeError, TypeError) as err:
+        if is_torchvision_available() or not _wants_video(name):
             raise
         log.info("%s: building the processor without its video processor (%s)", name, err)
-        return _without_video(name, **kwargs)
+        return _image_only_processor(name, **kwargs)
 
 
-def _without_video(name: str, **kwargs: Any):
+def image_only(processor_class: type) -> type:
+    """`processor_class` without its video processor, under the same name. SmolVLM's
+    `apply_chat_template` override only reads video sampling defaults, so the base one is used."""
+    from transformers import ProcessorMixin
+
+    signature = inspect.signature(processor_class.__init__)
+    if "video_processor" not in signature.parameters:
+        return processor_class
+
+    def __init__(self, image_processor: Any, tokenizer: Any, **kwargs: Any) -> None:
+        processor_class.__init__(
+            self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+            **kwargs,
+        )  # fmt: skip
+
+    # to_dict() saves the __init__ arguments it finds in the signature (image_seq_len, ...).
+    __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for n, p in signature.parameters.items() if n != "video_processor"]
+    )
+    return type(
+        processor_class.__name__,
+        (processor_class,),
+        {
+            "__init__": __init__,
+            "__module__": processor_class.__module__,
+            "apply_chat_template": ProcessorMixin.apply_chat_template,
+        },
+    )
+
+
+def _wants_video(name: str) -> bool:
+    config = _saved_json(name, "processor_config.json") or {}
+    cls = _processor_class(config.get("processor_class"))
+    return cls is not None and "video_processor" in inspect.signature(cls.__init__).parameters
+
+
+def _image_only_processor(name: str, **kwargs: Any):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    config = _saved_json(name, "processor_config.json") or {}
+    settings = {k: v for k, v in config.items() if k not in _NOT_SETTINGS}
+    template = _saved_file(name, "chat_template.jinja")
+    if template is not None:
+        settings["chat_template"] = template.read_text()
+    elif (saved := _saved_json(name, "chat_template.json")) is not None:
+        settings["chat_template"] = saved.get("chat_template")
+    hub = {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "revision", "token")}
+    return image_only(_processor_class(config["processor_class"]))(
+        image_processor=AutoImageProcessor.from_pretrained(name, **hub),
+        tokenizer=AutoTokenizer.from_pretrained(name, **hub),
+        **settings,
+    )
+
+
+def _processor_class(class_name: str | None):
     import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    config = AutoConfig.from_pretrained(name, **kwargs)
-    class_name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
-    if class_name is None:
-        raise ValueError(f"{name}: no processor class for model type {config.model_type}")
-    processor_class = getattr(transformers, class_name)
-    settings = _saved_settings(name)
-    image_processor = AutoImageProcessor.from_pretrained(name, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    accepted = _init_parameters(processor_class)
-    extra = {k: v for k, v in settings.items() if k in accepted}
-    if "video_processor" in accepted:
-        extra["video_processor"] = None
-    return processor_class(image_processor=image_processor, tokenizer=tokenizer, **extra)
+    return getattr(transformers, class_name, None) if class_name else None
 
 
-def _saved_settings(name: str) -> dict[str, Any]:
-    """processor_config.json's settings plus the chat template, from a folder or the Hub."""
-    settings: dict[str, Any] = {}
-    for filename in ("processor_config.json", "chat_template.json", "chat_template.jinja"):
-        path = _file(name, filename)
-        if path is None:
-            continue
-        if filename.endswith(".jinja"):
-            settings["chat_template"] = path.read_text()
-        else:
-            settings.update(json.loads(path.read_text()))
-    return settings
+def _saved_json(name: str, filename: str) -> dict | None:
+    path = _saved_file(name, filename)
+    return json.loads(path.read_text()) if path is not None else None
 
 
-def _file(name: str, filename: str) -> Path | None:
+def _saved_file(name: str, filename: str) -> Path | None:
+    """A file of a model folder, or of a Hub repository (None when it has none)."""
     if Path(name).is_dir():
         path = Path(name) / filename
         return path if path.is_file() else None
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     try:
         return Path(hf_hub_download(name, filename))
-    except Exception:  # noqa: BLE001 - an optional file the repository does not have
+    except EntryNotFoundError:
         return None
-
-
-def _init_parameters(cls) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters)

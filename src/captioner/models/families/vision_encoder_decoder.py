@@ -16,6 +16,7 @@ from captioner.models.families.base import PixelFamily
 
 class VisionEncoderDecoderFamily(PixelFamily):
     name = "vision-encoder-decoder"
+    hub_examples = ("nlpconnect/vit-gpt2-image-captioning",)
     model_types = ("vision-encoder-decoder",)
     model_class = "VisionEncoderDecoderModel"
     prompting = "encoder reads the image; decoder starts at its start token (+ caption prefix)"
