@@ -272,3 +272,59 @@ def _find(tree, key: str):
             if found is not None:
                 return found
     return None
+
+
+def test_processors_without_torchvision_are_image_only_and_save_as_the_real_class(
+    tiny_dirs, tmp_path
+):
+    from transformers.utils import is_torchvision_available
+
+    from captioner.models.families.processors import load_processor
+
+    processor = load_processor(str(tiny_dirs["qwen2_vl"]))
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    assert getattr(processor, "video_processor", None) is None or is_torchvision_available()
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2VLProcessor"  # loads with AutoProcessor elsewhere
+    again = load_processor(str(tmp_path))
+    assert again.chat_template == processor.chat_template and again.chat_template
+
+
+def test_a_processor_that_needs_torchvision_fails_in_one_line(tiny_dirs, monkeypatch):
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    from captioner.models.families import processors
+
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed here")
+
+    def needs_torchvision(*args, **kwargs):
+        raise ImportError("SomeImageProcessorFast requires the Torchvision library")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    with pytest.raises(CaptionerError, match="needs torchvision") as err:
+        processors.load_processor(str(tiny_dirs["gemma3"]))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_the_model_cards_snippet_captions_with_plain_transformers(runs, data_dir):
+    """The card's plain-transformers code, as written, gives the trained caption back (for the
+    families whose processor AutoProcessor builds here, i.e. without a video processor)."""
+    import re
+
+    image = images_of(data_dir)[2]
+    snippets = []
+    for kind in ("paligemma", "gemma3", "florence2", "blip-2"):
+        text = (runs.get(kind)["trained"] / "README.md").read_text()
+        code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+        snippets.append(code.replace("photo.jpg", str(image)))
+    program = "\n".join(f"exec({code!r}, {{}})" for code in snippets)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-4:] == [CAPTIONS[2]] * 4

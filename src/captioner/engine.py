@@ -114,7 +114,7 @@ class _Batch:
 
 
 class Captioner:
-    """Batched captioning with any supported model (GIT, BLIP, VisionEncoderDecoder, LLaVA)."""
+    """Batched captioning with a model of any family (`captioner models`)."""
 
     def __init__(self, model, processor, device: str | torch.device | None = None) -> None:
         if device is None:  # a model already on an accelerator (training) stays where it is
@@ -125,7 +125,6 @@ class Captioner:
         self.model = model.to(self.device)
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.image_processor = getattr(processor, "image_processor", processor)
         self.family = family_of(model)
         # A model trained with --prompt captions with it unless told otherwise.
         self.default_prompt: str | None = None
@@ -165,8 +164,9 @@ class Captioner:
 
         `decoding` and keyword arguments are those of `caption_iter`. Returns one string per
         image, or a list of `num_return_sequences` strings per image when that is > 1. With a
-        `prompt`, captions start with the prompt (it is part of the caption), except for LLaVA
-        models, where it replaces the saved caption prompt and is not part of the caption.
+        `prompt`, GIT, BLIP and VisionEncoderDecoder captions start with it (it is part of the
+        caption); for the other families it is the instruction (LLaVA's saved prompt, a chat
+        model's user turn, PaliGemma's task prefix, Florence-2's task token) and is not.
         """
         if isinstance(images, (str, bytes, bytearray, dict, os.PathLike, Image.Image)):
             images = [images]

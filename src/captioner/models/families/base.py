@@ -34,6 +34,11 @@ from captioner.errors import CaptionerError
 log = logging.getLogger(__name__)
 
 IMAGE_TEXT_TO_TEXT = "AutoModelForImageTextToText"
+# Why BLIP and VisionEncoderDecoder are not exported: their exporter is optimum-onnx's.
+OPTIMUM_ONLY = (
+    "its ONNX export lives in optimum-onnx, which needs transformers < 4.58 (captioner runs "
+    "transformers 5)"
+)
 
 
 class Family:

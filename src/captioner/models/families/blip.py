@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from captioner.models.families.base import PixelFamily
+from captioner.models.families.base import OPTIMUM_ONLY, PixelFamily
 
 
 class BlipFamily(PixelFamily):
@@ -18,10 +18,7 @@ class BlipFamily(PixelFamily):
     vision_tower_paths = ("vision_model",)
     lora_targets = ("query", "value")
     teacher_forced = True
-    onnx_refusal = (
-        "its ONNX export lives in optimum-onnx, which needs transformers < 4.58 (captioner runs "
-        "transformers 5)"
-    )
+    onnx_refusal = OPTIMUM_ONLY
 
     def prompt_inputs(self, processor, model_config, prompt, n, image_size):
         if not prompt:

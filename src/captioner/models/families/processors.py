@@ -17,6 +17,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from captioner.errors import CaptionerError
+
 log = logging.getLogger(__name__)
 
 # Keys of processor_config.json that are not the processor's own settings.
@@ -32,10 +34,22 @@ def load_processor(name: str, **kwargs: Any):
     try:
         return AutoProcessor.from_pretrained(name, **kwargs)
     except (ImportError, OSError, AttributeError, TypeError) as err:
-        if is_torchvision_available() or not _wants_video(name):
+        if is_torchvision_available():
             raise
-        log.info("%s: building the processor without its video processor (%s)", name, err)
-        return _image_only_processor(name, **kwargs)
+        failure: Exception = err
+        if _wants_video(name):
+            log.info("%s: building the processor without its video processor (%s)", name, err)
+            try:
+                return _image_only_processor(name, **kwargs)
+            except (ImportError, OSError, AttributeError, TypeError, ValueError) as inner:
+                failure = inner
+        if isinstance(failure, ImportError) or "torchvision" in str(failure).lower():
+            first = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
+            raise CaptionerError(
+                f"{name}: its processor needs torchvision, which is not installed (there is no "
+                f"build of it for this CPU torch): {first}"
+            ) from None
+        raise failure from None
 
 
 def image_only(processor_class: type) -> type:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from captioner.models.families.base import PixelFamily
+from captioner.models.families.base import OPTIMUM_ONLY, PixelFamily
 
 
 class VisionEncoderDecoderFamily(PixelFamily):
@@ -23,15 +23,12 @@ class VisionEncoderDecoderFamily(PixelFamily):
     vision_tower_paths = ("encoder",)
     random_parts = ("crossattention", "enc_to_dec_proj")
     feature_cache = True
-    onnx_refusal = (
-        "its ONNX export lives in optimum-onnx, which needs transformers < 4.58 (captioner runs "
-        "transformers 5)"
-    )
+    onnx_refusal = OPTIMUM_ONLY
 
     def text_inputs(self, processor, captions, prompt, max_length, image_size):
         labels = super().text_inputs(processor, captions, prompt, max_length, image_size)["labels"]
         tokenizer = processor.tokenizer
-        start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else None
+        start = tokenizer.cls_token_id
         start = tokenizer.bos_token_id if start is None else start
         if start is not None and labels.shape[1] > 1 and bool((labels[:, 0] == start).all()):
             labels = labels[:, 1:]
