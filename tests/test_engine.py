@@ -83,6 +83,16 @@ def test_bad_words_are_never_generated(captioner, images, monkeypatch):
     assert not any(word_id in o for o in outputs)  # ...and then it does not
 
 
+def test_bad_words_are_deduplicated_and_unspellable_ones_constrain_nothing(captioner, images):
+    ids = captioner.bad_words_ids(["white", "white", " white ", "White"])
+    assert len(ids) == len({tuple(i) for i in ids}) > 0
+    unk = captioner.tokenizer.unk_token_id
+    assert all(unk not in i for i in captioner.bad_words_ids(["你好", "zzzqqq"]))
+    plain = captioner.caption(images[:2], max_new_tokens=8)
+    # words the model cannot say (or the tokenizer cannot spell): the same captions, no error
+    assert captioner.caption(images[:2], max_new_tokens=8, bad_words=["你好", "ǂǂǂ"]) == plain
+
+
 def test_bad_image_is_reported_and_the_rest_captioned(captioner, images, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")

@@ -272,15 +272,22 @@ class Captioner:
         Words the tokenizer can only spell with [UNK] are skipped: banning [UNK] would ban
         every unknown word, and the model cannot produce the word anyway.
         """
-        out: list[list[int]] = []
         unk = self.tokenizer.unk_token_id
-        for word in words:
-            word = word.strip()
-            for variant in {word, " " + word, word.capitalize(), " " + word.capitalize()}:
-                ids = self.tokenizer(variant, add_special_tokens=False).input_ids
-                if ids and unk not in ids and ids not in out:
-                    out.append(ids)
-        return out
+        variants = sorted(
+            {v for w in {w.strip() for w in words if w.strip()}
+             for v in (w, " " + w, w.capitalize(), " " + w.capitalize())}
+        )  # fmt: skip
+        if not variants:
+            return []
+        # One batched tokenizer call and a set: linear in the number of words.
+        spelled = self.tokenizer(variants, add_special_tokens=False).input_ids
+        out = {tuple(ids) for ids in spelled if ids and unk not in ids}
+        unspellable = {v.strip() for v, ids in zip(variants, spelled, strict=True)
+                       if not ids or unk in ids}  # fmt: skip
+        if unspellable:
+            log.info("bad_words: skipped what the tokenizer cannot spell: %s",
+                     ", ".join(sorted(unspellable)[:10]))  # fmt: skip
+        return [list(ids) for ids in sorted(out)]
 
     # ---- internals ----
 
@@ -318,7 +325,9 @@ class Captioner:
         kwargs = {**self.family.generate_kwargs(self.processor, self.model)}
         kwargs.update(decoding.generate_kwargs())
         if decoding.bad_words:
-            kwargs["bad_words_ids"] = self.bad_words_ids(decoding.bad_words)
+            banned = self.bad_words_ids(decoding.bad_words)
+            if banned:  # none spellable: no constraint (transformers rejects an empty list)
+                kwargs["bad_words_ids"] = banned
         tok = self.tokenizer
         if getattr(self.model.generation_config, "pad_token_id", None) is None:
             kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else 0
