@@ -7,7 +7,9 @@ The server is `create_app` + `uvicorn.run(**uvicorn_options())` in a subprocess 
 round-robin: good uploads, non-images, truncated files, PNG bombs, TIFF tile bombs, oversized
 JSON, deeply nested JSON, URL fetches (off), requests of 4 large images (the pixel budget's
 job), clients that hang up after 0.1 s, bodies that stall mid-way and request heads that never
-finish. A 150 MB chunked JSON body is sent once. Then SIGTERM with an upload open.
+finish; and (issue 19) bad_words lists over the bound, OpenAI chat requests (good ones, and
+bodies of 3 MB of tiny objects that used to be parsed on the event loop), and temperatures too
+small to sample with. A 150 MB chunked JSON body is sent once. Then SIGTERM with an upload open.
 
     .venv/bin/python bench/soak_bench.py                    # 60 s of mix
     .venv/bin/python bench/soak_bench.py --duration 20 --users 4
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import json
 import os
@@ -51,7 +54,7 @@ model, port = sys.argv[1], int(sys.argv[2])
 app = create_app(
     Captioner.from_pretrained(model), max_upload_bytes=2_000_000, max_pixels=4_000_000,
     max_decoded_bytes=256 * 2**20, max_queue=64, max_batch_size=8, max_wait_ms=10,
-    idle_timeout_s=2.0, body_timeout_s=5.0, allowed_hosts=["127.0.0.1"],
+    idle_timeout_s=2.0, body_timeout_s=5.0, allowed_hosts=["127.0.0.1"], model_name="tiny",
 )
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="error",
             **uvicorn_options(limit_concurrency=48, header_timeout_s=3.0, graceful_shutdown_s=5))
@@ -72,11 +75,18 @@ EXPECTED = {
     "stalled body": {408},
     "stalled head": {"closed"},
     "json 150 MB": {413, "closed"},
+    # 503: the upload or body was being reserved in the memory budget when it was full
+    "bad_words 300": {422, 503},
+    "chat good": {200, 503},
+    "chat 3 MB of objects": {413, 503},
+    "temperature 1e-45": {422, 503},
+    "chat temperature 1e-45": {400, 503},
 }
 MIX = [
     "good", "good", "not an image", "good", "truncated", "good", "png bomb", "good",
     "tiff tile bomb", "good", "json 1 MB", "4 large images", "good", "json deep", "url fetch",
-    "good", "abandoned", "stalled body", "good", "stalled head",
+    "good", "abandoned", "stalled body", "good", "stalled head", "bad_words 300", "chat good",
+    "chat 3 MB of objects", "good", "temperature 1e-45", "chat temperature 1e-45",
 ]  # fmt: skip
 
 
@@ -127,6 +137,18 @@ class Inputs:
         self.large = png(1900, 1900, (10, 120, 30))  # 3.6 M pixels, ~22 MB while decoding
         self.json_1mb = b"[" + b"{}," * 350_000 + b"{}]"
         self.deep = b"[" * 20_000 + b"]" * 20_000
+        self.bad_words = ",".join(f"word{i}" for i in range(300))
+        self.data_url = "data:image/png;base64," + base64.b64encode(self.goods[0]).decode()
+        chat = chat_body(self.data_url)
+        # under the 2.7 MB chat body limit: 2.6 MB of `{},` is 870,000 objects to parse
+        self.chat_objects = json.dumps(
+            {**chat, "metadata": [{}] * 870_000}, separators=(",", ":")
+        ).encode()
+
+
+def chat_body(url: str, **fields: Any) -> dict[str, Any]:
+    part = {"type": "image_url", "image_url": {"url": url}}
+    return {"model": "tiny", "messages": [{"role": "user", "content": [part]}], **fields}
 
 
 # ---- the server ----
@@ -227,6 +249,24 @@ async def one(client: httpx.AsyncClient, url: str, kind: str, inputs: Inputs, i:
             return await stalled(url, head_only=False), time.perf_counter() - start
         elif kind == "stalled head":
             return await stalled(url, head_only=True), time.perf_counter() - start
+        elif kind == "bad_words 300":
+            files = {"file": (f"w{i}.png", inputs.goods[i % len(inputs.goods)], "image/png")}
+            r = await client.post("/caption", files=files, data={"bad_words": inputs.bad_words})
+        elif kind == "chat good":
+            body = chat_body(inputs.data_url, max_tokens=8)
+            r = await client.post("/v1/chat/completions", json=body)
+        elif kind == "chat 3 MB of objects":
+            headers = {"content-type": "application/json"}
+            r = await client.post(
+                "/v1/chat/completions", content=inputs.chat_objects, headers=headers
+            )
+        elif kind == "temperature 1e-45":
+            files = {"file": (f"t{i}.png", inputs.goods[i % len(inputs.goods)], "image/png")}
+            form = {"do_sample": "true", "temperature": "1e-45", "max_new_tokens": "8"}
+            r = await client.post("/caption", files=files, data=form)
+        elif kind == "chat temperature 1e-45":
+            body = chat_body(inputs.data_url, max_tokens=8, temperature=1e-45)
+            r = await client.post("/v1/chat/completions", json=body)
         elif kind == "json 150 MB":
             r = await client.post(
                 "/caption", content=json_150mb(), headers={"content-type": "application/json"}
@@ -279,7 +319,7 @@ async def run_mix(url: str, inputs: Inputs, duration_s: float, users: int) -> di
     outcomes: Counter = Counter()
     unexpected: list[tuple[str, Any]] = []
     good_latency: list[float] = []
-    health = {"checks": 0, "failures": 0, "worst_s": 0.0}
+    health: dict[str, Any] = {"checks": 0, "failures": 0, "worst_s": 0.0, "latency": []}
     end = time.monotonic() + duration_s
     limits = httpx.Limits(max_connections=users * 2)
     headers = {"host": "127.0.0.1"}
@@ -305,9 +345,11 @@ async def run_mix(url: str, inputs: Inputs, duration_s: float, users: int) -> di
                         ok = (await hc.get("/health")).status_code == 200
                     except httpx.HTTPError:
                         ok = False
+                    took = time.perf_counter() - start
                     health["checks"] += 1
                     health["failures"] += not ok
-                    health["worst_s"] = max(health["worst_s"], time.perf_counter() - start)
+                    health["worst_s"] = max(health["worst_s"], took)
+                    health["latency"].append(took)
                     await asyncio.sleep(0.25)
 
         async def once_150mb() -> None:
@@ -402,6 +444,7 @@ def run_soak(
         "health_checks": mix["health"]["checks"],
         "health_failures": mix["health"]["failures"],
         "health_worst_s": round(mix["health"]["worst_s"], 3),
+        "health_ms": _latency(mix["health"]["latency"]),
         "alone_ms": _latency(alone_latency),
         "mix_ms": _latency(mix["good_latency"]),
         "server_stats": {k: stats[k] for k in ("batches", "images", "largest_batch", "abandoned")},
@@ -437,6 +480,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- server RSS: {report['startup_rss_mb']} MB after start, peak "
         f"**{report['peak_rss_mb']} MB** (kernel VmHWM and 50 ms samples)",
         f"- /health: {report['health_checks']} checks, {report['health_failures']} failed, "
+        f"p50 {report['health_ms']['p50']} ms, p99 **{report['health_ms']['p99']} ms**, "
         f"slowest {report['health_worst_s'] * 1000:.0f} ms",
         f"- good requests (64x64 PNG, 8 tokens): alone p50 {alone['p50']} ms / p99 "
         f"{alone['p99']} ms (n={alone['n']}); under the mix p50 {mix['p50']} ms / p99 "

@@ -212,3 +212,51 @@ def test_training_writes_the_card(tmp_path, monkeypatch):
     assert len(re.findall(r"^\| \d \| ", text, re.M)) == 8  # eight samples with references
     assert "![training curves](curves.png)" in text
     assert "README.md" in push_files(out)
+
+
+def test_every_inserted_value_is_escaped_for_where_it_goes(tmp_path):
+    """Folder, data, option names, prompt and an adapter's recorded base can hold anything: a
+    newline and `---` must not end the front matter or start a section, markup stays text, and
+    the usage code means what it says."""
+    import ast
+
+    nasty = "x\n---\n# owned <img src=x onerror=alert(1)> `tick` | [link](javascript:1) $m$"
+    out = tmp_path / "run\n---\ntitle: pwned\n# run `x`"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "git"}))
+    base = 'base")\nimport os; os.system("touch PWNED")  #'
+    (out / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    path = _card(out, data=nasty, prompt=nasty, samples=[(nasty, [nasty])],
+                 options_changed={"lr\n---\n| evil": nasty})  # fmt: skip
+    text = path.read_text()
+    lines = text.splitlines()
+    assert lines.count("---") == 2 and lines[0] == "---"  # only the front matter's own fences
+    front = _front_matter(path)
+    assert front["library_name"] == "peft" and "title" not in front
+    assert [line for line in lines if line.startswith("# ")] == [
+        "# run --- title: pwned \\# run \\`x\\`"
+    ]
+    end = lines.index("---", 1)
+    markdown_it = pytest.importorskip("markdown_it")
+    html = (
+        markdown_it.MarkdownIt("commonmark", {"html": True})
+        .enable("table")
+        .render("\n".join(lines[end + 1 :]))
+    )
+    assert html.count("<h1>") == 1 and "<hr" not in html  # no section or rule of its own
+    assert "<img" not in html and 'href="javascript' not in html  # markup shown as text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "$m$" in html
+    prompt = "x --- # owned &lt;img src=x onerror=alert(1)&gt; `tick` | [link](javascript:1) $m$"
+    assert f"<code>{prompt}</code>" in html  # a code span holding backticks, whole
+    assert "<td><code>lr --- | evil</code></td>" in html  # one cell, not split at the pipe
+    python = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(python) == 2
+    strings = {n.value for code in python for n in ast.walk(ast.parse(code))
+               if isinstance(n, ast.Constant) and isinstance(n.value, str)}  # fmt: skip
+    assert {base, str(out)} <= strings  # the names, as data: no statement of their own
+    imports = [a.name for n in ast.walk(ast.parse(python[0])) if isinstance(n, ast.Import)
+               for a in n.names]  # fmt: skip
+    assert "os" not in imports
+    bash = re.search(r"```bash\n(.*?)```", text, re.S).group(1).splitlines()
+    assert len(bash) == 3 and all(line.startswith("captioner ") for line in bash)
+    assert bash[0].startswith("captioner caption $'") and "\\x0a" in bash[0]

@@ -11,14 +11,14 @@ from transformers import CLIPImageProcessor, GitProcessor
 
 import captioner.training.collate as collate_mod
 from captioner.models.families import family_named
-from captioner.models.tokenizer import train_wordpiece
+from captioner.models.tokenizer import train_caption_tokenizer
 from captioner.training.collate import INDEX_COLUMN, CaptionCollator, draw_caption
 
 GIT, VED = family_named("git"), family_named("vision-encoder-decoder")
 
 
 def _processor(size: int = 32) -> GitProcessor:
-    tok = train_wordpiece(TINY_CAPTIONS + ["a very long caption with many many more words"])
+    tok = train_caption_tokenizer(TINY_CAPTIONS + ["a very long caption with many many more words"])
     ip = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return GitProcessor(image_processor=ip, tokenizer=tok)
 

@@ -66,8 +66,8 @@ def test_num_return_sequences_with_sampling_and_beams(captioner, images):
 
 
 def test_bad_words_are_never_generated(captioner, images, monkeypatch):
-    word = "white"
-    word_id = captioner.tokenizer.convert_tokens_to_ids(word)
+    from conftest import TINY_CAPTIONS
+
     outputs: list[torch.Tensor] = []
     generate = captioner.model.generate
 
@@ -77,10 +77,15 @@ def test_bad_words_are_never_generated(captioner, images, monkeypatch):
 
     monkeypatch.setattr(captioner.model, "generate", spy)
     captioner.caption(images, max_new_tokens=20)
-    assert any(word_id in o for o in outputs)  # the model does say it...
+    said = {i for o in outputs for i in o.flatten().tolist()}
+    # a caption word the model does say (each is one byte-level BPE token, e.g. "Ġwhite")
+    words = {w for c in TINY_CAPTIONS for w in c.split()}
+    spelled = {w: captioner.tokenizer(w, add_special_tokens=False).input_ids for w in words}
+    word = next(w for w, ids in sorted(spelled.items()) if len(ids) == 1 and ids[0] in said)
+    assert any(spelled[word][0] in o for o in outputs)  # the model does say it...
     outputs.clear()
     captioner.caption(images, max_new_tokens=20, bad_words=[word])
-    assert not any(word_id in o for o in outputs)  # ...and then it does not
+    assert not any(spelled[word][0] in o for o in outputs)  # ...and then it does not
 
 
 def test_bad_words_are_deduplicated_and_unspellable_ones_constrain_nothing(captioner, images):
@@ -91,6 +96,19 @@ def test_bad_words_are_deduplicated_and_unspellable_ones_constrain_nothing(capti
     plain = captioner.caption(images[:2], max_new_tokens=8)
     # words the model cannot say (or the tokenizer cannot spell): the same captions, no error
     assert captioner.caption(images[:2], max_new_tokens=8, bad_words=["你好", "ǂǂǂ"]) == plain
+
+
+def test_details_count_the_generated_tokens_and_say_why_generation_stopped(captioner, images):
+    from captioner.decoding import Generated
+
+    short = captioner.caption(images[:2], max_new_tokens=3, details=True)
+    assert all(isinstance(c, Generated) for c in short)
+    for caption in short:  # the random model never ends this soon
+        assert caption.finish_reason == "length" and caption.tokens == 3
+    # counted from the ids: re-tokenising the text would not give 3 (a random model's tokens)
+    resolved = captioner.resolve(max_new_tokens=256, min_new_tokens=200)
+    limit = captioner.max_new_tokens_limit()
+    assert resolved.max_new_tokens == limit and resolved.min_new_tokens == limit
 
 
 def test_bad_image_is_reported_and_the_rest_captioned(captioner, images, tmp_path):
@@ -216,9 +234,11 @@ def _tiny_vision_encoder_decoder(tok):
 def test_other_families_batch_identically_and_take_prompts(build, images):
     from conftest import TINY_CAPTIONS
 
-    from captioner.models.tokenizer import train_wordpiece
+    from captioner.models.tokenizer import train_caption_tokenizer
 
-    model, processor = build(train_wordpiece(TINY_CAPTIONS, vocab_size=200, model_max_length=64))
+    model, processor = build(
+        train_caption_tokenizer(TINY_CAPTIONS, vocab_size=200, model_max_length=64)
+    )
     captioner = Captioner(model, processor, device="cpu")
     for prompt in (None, "a red"):
         kw = dict(max_new_tokens=8, prompt=prompt)

@@ -228,3 +228,21 @@ def test_eval_empty_split_names_the_flag(tiny_model_dir, tmp_path):
     job.split = "nope"
     with pytest.raises(CaptionerError, match="no split 'nope'.*--split all"):
         run_eval(job)
+
+
+def test_metrics_json_counts_the_examples_skipped_while_reading(tiny_model_dir, tmp_path):
+    from captioner.data.scenes import generate_scenes
+    from captioner.jobs.evaluate import EvalJob, run_eval
+
+    data = generate_scenes(tmp_path / "scenes", n=4)
+    (data / "broken.png").write_bytes(b"not a png")
+    with open(data / "metadata.jsonl", "a") as meta:
+        meta.write(json.dumps({"file_name": "broken.png", "captions": ["a broken image"]}) + "\n")
+    out = tmp_path / "eval"
+    job = EvalJob(model=str(tiny_model_dir), data=str(data), split="all", output_dir=str(out),
+                  decoding=DecodingOptions(max_new_tokens=3))  # fmt: skip
+    (result,), _ = run_eval(job)  # the log says: skipped 1 of 5 examples
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["num_samples"] == 4
+    assert summary["num_skipped"] == 1 and summary["num_skipped_reading"] == 1
+    assert result.metrics["num_skipped"] == 1

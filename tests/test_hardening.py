@@ -9,6 +9,7 @@ Clamping `max_new_tokens` to the model's positions lives in engine.py and is not
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import tarfile
 import threading
 import time
@@ -29,7 +31,7 @@ from PIL import Image
 
 from captioner.data.images import check_image, load_image
 from captioner.data.sources import MAX_TAR_MEMBER_BYTES, load_captions, scan_source
-from captioner.decoding import DecodingOptions
+from captioner.decoding import MAX_WORDS, DecodingOptions
 from captioner.errors import BadImageError, CaptionerError
 from captioner.jobs.caption import caption_files, read_previous
 
@@ -681,6 +683,157 @@ def test_slow_headers_are_cut_off_and_health_answers_again():
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+# ---- second round (issue 19): limits the first round left open ----
+
+
+def cli_error(argv: list[str], monkeypatch, capsys) -> str:
+    """`captioner ARGV` in-process: it must end in exactly one `error:` line and exit 1."""
+    from captioner import cli
+
+    monkeypatch.setattr(sys, "argv", ["captioner", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def data_url(data: bytes, scheme: str = "data:image/png;base64,") -> str:
+    return scheme + base64.b64encode(data).decode()
+
+
+def openai_chat(url: str, **fields) -> dict:
+    part = {"type": "image_url", "image_url": {"url": url}}
+    return {"model": "fake", "messages": [{"role": "user", "content": [part]}], **fields}
+
+
+def test_bad_words_are_deduplicated_and_bounded(monkeypatch, capsys):
+    assert DecodingOptions(bad_words=["cat", "dog,cat", " cat "]).bad_words == ["cat", "dog"]
+    many = [f"w{i}" for i in range(MAX_WORDS)]
+    assert len(DecodingOptions(bad_words=many * 3).bad_words) == MAX_WORDS  # repeats are free
+    too_many = [*many, "one more"]
+    too_long = ["x" * 1000 + str(i) for i in range(5)]  # 5 words, 5,005 characters
+    for words in (too_many, [",".join(too_many)], too_long):
+        with pytest.raises(CaptionerError, match=f"at most {MAX_WORDS} words and 4,096"):
+            DecodingOptions(bad_words=words)
+    fake = FakeCaptioner()
+    with client_for(fake) as client:
+        form = {"bad_words": ",".join(too_many)}
+        r = client.post("/caption", files={"file": ("a.png", png(), "image/png")}, data=form)
+        assert "bad_words: at most" in assert_json_error(r, 422)
+        r = client.post("/caption", json={"url": data_url(png()), "bad_words": too_long})
+        assert "bad_words: at most" in assert_json_error(r, 422)
+        schema = client.get("/openapi.json").json()["paths"]["/caption"]["post"]
+        props = schema["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        assert props["bad_words"]["maxItems"] == MAX_WORDS
+    assert fake.calls == []
+    line = cli_error(["caption", "MODEL", "x.png", "--bad_words", ",".join(too_many)],
+                     monkeypatch, capsys)  # fmt: skip
+    assert "--bad_words: at most 256 words" in line
+
+
+def test_chat_body_is_parsed_off_the_event_loop_within_the_budget(monkeypatch):
+    from captioner.serve import openai as openai_routes
+
+    where = []
+    parse = openai_routes.parse_chat
+
+    def spy(raw: bytes, model_name: str):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker thread")
+        return parse(raw, model_name)
+
+    monkeypatch.setattr(openai_routes, "parse_chat", spy)
+    body = openai_chat(data_url(png()))
+    many = {**body, "metadata": [{}] * 40_000}  # 160 KB: 80,000 objects' brackets and commas
+    fake = FakeCaptioner()
+    with client_for(fake) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        r = client.post("/v1/chat/completions", json=many)
+        assert r.status_code == 413 and "brackets" in r.json()["error"]["message"], r.text
+        assert client.get("/health").json()["bytes_in_flight"] == 0
+    assert where == ["worker thread"]  # the refused body was never parsed
+    # what parsing holds is reserved before it starts: 20,000 small objects need ~3 MB
+    fewer = {**body, "metadata": [{}] * 20_000}
+    with client_for(fake, max_decoded_bytes=1_000_000) as client:
+        r = client.post("/v1/chat/completions", json=fewer)
+        assert r.status_code == 422 and "parsing its JSON" in r.json()["error"]["message"]
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert client.get("/health").json()["bytes_in_flight"] == 0
+    assert where == ["worker thread"] * 2
+    assert len(fake.calls) == 2
+
+
+def test_temperature_and_penalty_have_a_floor_sampling_survives(captioner, monkeypatch, capsys):
+    for field in ("temperature", "repetition_penalty"):
+        with pytest.raises(CaptionerError, match=f"--{field} must be >= 0.01"):
+            DecodingOptions(do_sample=True, **{field: 1e-45})
+    lowest = DecodingOptions(
+        do_sample=True, temperature=0.01, repetition_penalty=0.01, max_new_tokens=4
+    )
+    assert len(captioner.caption([png(24, 24)], lowest)) == 1  # the floor itself samples
+    fake = FakeCaptioner()
+    with client_for(fake) as client:
+        form = {"do_sample": "true", "temperature": "1e-45"}
+        r = client.post("/caption", files={"file": ("a.png", png(), "image/png")}, data=form)
+        assert "--temperature must be >= 0.01" in assert_json_error(r, 422)
+        r = client.post(
+            "/v1/chat/completions", json=openai_chat(data_url(png()), temperature=1e-45)
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
+        r = client.post("/v1/chat/completions", json=openai_chat(data_url(png()), temperature=0))
+        assert r.status_code == 200, r.text  # 0 still means greedy
+    assert [d.do_sample for _, d in fake.calls] == [False]
+    argv = ["caption", "MODEL", "x.png", "--do_sample", "--temperature", "1e-45"]
+    assert "--temperature must be >= 0.01" in cli_error(argv, monkeypatch, capsys)
+
+
+def test_small_gaps_in_the_options_are_closed(monkeypatch, capsys):
+    fake = FakeCaptioner()
+    with client_for(fake) as client:
+        # URL schemes are case-insensitive
+        r = client.post("/caption", json={"url": data_url(png(12, 12), "DATA:IMAGE/PNG;BASE64,")})
+        assert r.status_code == 200 and r.json()["caption"].startswith("12x12"), r.text
+        chat = openai_chat(data_url(png(14, 14), "Data:image/png;base64,"))
+        r = client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200, r.text
+        # both token limits are checked; two different ones are a contradiction
+        for fields, param in (
+            ({"max_tokens": -1, "max_completion_tokens": 5}, "max_tokens"),
+            ({"max_tokens": 5, "max_completion_tokens": 0}, "max_completion_tokens"),
+            ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
+        ):
+            r = client.post("/v1/chat/completions", json=openai_chat(data_url(png()), **fields))
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (fields, r.text)
+        same = openai_chat(data_url(png()), max_tokens=5, max_completion_tokens=5)
+        assert client.post("/v1/chat/completions", json=same).status_code == 200
+        # prefix / suffix are bounded like the prompt; min_new_tokens <= max_new_tokens
+        for bad, message in (
+            ({"prefix": "x" * 201}, "--prefix: at most 200"),
+            ({"suffix": "x" * 201}, "--suffix: at most 200"),
+            ({"min_new_tokens": 9, "max_new_tokens": 8}, "--min_new_tokens (9) must be <="),
+        ):
+            r = client.post("/caption", json={"url": data_url(png()), **bad})
+            assert message in assert_json_error(r, 422), bad
+        # /docs is served without a CDN (the Swagger UI page loads its script from one)
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and "<script" not in docs.text.lower()
+        assert "http://" not in docs.text and "https://" not in docs.text
+        assert "/caption" in docs.text and "bad_words" in docs.text and "/v1/chat" in docs.text
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/redoc").status_code == 404
+    assert [n for n, _ in fake.calls] == [1, 1, 1]
+    argv = ["caption", "MODEL", "x.png", "--min_new_tokens", "40", "--max_new_tokens", "30"]
+    assert "--min_new_tokens (40) must be <= --max_new_tokens (30)" in cli_error(
+        argv, monkeypatch, capsys
+    )
 
 
 # ---- the soak: a bounded mix against a real server ----

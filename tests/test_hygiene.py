@@ -246,3 +246,32 @@ def test_cli_data_check_names_every_planted_pair(planted, tmp_path):
             assert str(clean) not in result.output, clean
     assert fixed.is_file() and "20 rows" in result.output
     assert len(load_captions(fixed, test_size=0)["train"]) == 20
+
+
+def test_clean_manifest_never_copies_through_a_planted_link_or_over_a_file(planted, tmp_path):
+    root, _ = planted
+    report = check_hygiene(root, near_threshold=None)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "000000_clean_00.png"  # the name the first copy gets
+    victim.write_text("precious")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "clean_images").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CaptionerError, match="clean_images: already exists"):
+        write_clean_manifest(report, elsewhere / "clean.jsonl")
+    assert victim.read_text() == "precious" and [p.name for p in outside.iterdir()] == [victim.name]
+    assert not (elsewhere / "clean.jsonl").exists()  # nothing half written
+    (elsewhere / "clean_images").unlink()
+    (elsewhere / "clean_images").mkdir()  # a real folder left by someone: not ours to fill
+    (elsewhere / "clean_images" / victim.name).write_text("precious")
+    with pytest.raises(CaptionerError, match="already exists"):
+        write_clean_manifest(report, elsewhere / "clean.jsonl")
+    assert (elsewhere / "clean_images" / victim.name).read_text() == "precious"
+    (elsewhere / "dangling.jsonl").symlink_to(outside / "made.jsonl")
+    with pytest.raises(CaptionerError, match="already exists"):
+        write_clean_manifest(report, elsewhere / "dangling.jsonl")
+    assert not (outside / "made.jsonl").exists()
+    written = write_clean_manifest(report, elsewhere / "other.jsonl")
+    assert written.copied_to == elsewhere / "other_images" and written.rows == 22
+    assert all(not p.is_symlink() for p in written.copied_to.iterdir())

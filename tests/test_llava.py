@@ -4,6 +4,7 @@ plain transformers. Tiny random parts, except the slow test with the real ones."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import TINY_CAPTIONS, make_images
 from PIL import Image
+from transformers import TrainerCallback
 
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
@@ -21,8 +23,10 @@ from captioner.models.build import build_preset, load_model
 from captioner.models.compose import LLAVA, VED, CompositeSpec, composite_family, is_decoder_only
 from captioner.models.families import family_named, family_of
 from captioner.models.families.llava import caption_prompt, prompt_ids
+from captioner.models.lora import add_lora
 from captioner.training.arguments import parse_train_args
 from captioner.training.collate import CaptionCollator
+from captioner.training.features import FeatureCache
 from captioner.training.trainer import train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -150,10 +154,14 @@ def test_collator_masks_image_prompt_and_pad_positions(llava_dir, images):
     collator = CaptionCollator(processor, family_of(model), seed=0, cache_dir=None)
     assert collator.family is family_named("llava")
     batch = collator(rows)
-    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels", "logits_to_keep"}
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     prompt = prompt_ids(processor, None, 32, 32)
     n = len(prompt)
+    # the LM head runs from the prompt's last position on; the labels are cut to match
+    keep = batch["logits_to_keep"]
+    assert keep == ids.shape[1] - n + 1 and batch["labels"].shape == (2, keep)
+    labels = torch.cat([torch.full((2, ids.shape[1] - keep), -100), batch["labels"]], dim=1)
     for i, caption in enumerate(r["captions"][0] for r in rows):
         words = tok(" " + caption, add_special_tokens=False).input_ids
         length = n + len(words) + 1
@@ -165,7 +173,59 @@ def test_collator_masks_image_prompt_and_pad_positions(llava_dir, images):
     longest = tok(" " + rows[0]["captions"][0], add_special_tokens=False).input_ids
     assert ids.shape[1] == n + len(longest) + 1  # padded to the longest row, on the right
     with torch.no_grad():
-        assert torch.isfinite(model(**batch).loss)
+        loss = model(**batch).loss
+        full = {**batch, "labels": labels, "logits_to_keep": 0}  # every position's logits
+        assert torch.isfinite(loss) and torch.allclose(loss, model(**full).loss, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"vision_feature_layer": -2, "vision_feature_select_strategy": "default"}]
+)
+def test_cached_features_give_the_same_loss_as_pixels(
+    extra, llava_dir, tiny_dinov2_dir, lm_dir, images, tmp_path
+):
+    folder = build_preset(spec_for(tiny_dinov2_dir, lm_dir, **extra), [], tmp_path / "m") if (
+        extra) else llava_dir  # fmt: skip
+    model, processor = load_model(folder)
+    model.eval()
+    family = family_of(model)
+    assert family.feature_cache
+    pairs = zip(images[:4], TINY_CAPTIONS[:4], strict=True)
+    rows = [{"image": str(p), "captions": [c]} for p, c in pairs]
+    encoder = family.feature_encoder(model)
+    cache = FeatureCache(tmp_path / "cache", encoder, processor.image_processor, max_bytes=2**30)
+    assert cache.fill([r["image"] for r in rows]) == 4
+    from_pixels = CaptionCollator(processor, family)(rows)
+    from_cache = CaptionCollator(processor, family, features=cache)(rows)
+    tokens = model.config.image_seq_length
+    assert "pixel_values" not in from_cache
+    assert from_cache["mm_encoder_outputs"]["image"].shape == (4, tokens, 32)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(from_pixels[key], from_cache[key]), key
+    with pytest.raises(AttributeError, match="pooler_output"):  # no projector hook: loud
+        model(**from_cache)
+    family.use_cached_features(model)
+    family.use_cached_features(model)  # once is enough; twice changes nothing
+    projector = model.model.multi_modal_projector.linear_1.weight
+    grads = []
+    for batch in (from_pixels, from_cache):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads.append((loss.detach(), projector.grad.clone()))
+    (loss_pixels, grad_pixels), (loss_cached, grad_cached) = grads
+    assert torch.allclose(loss_pixels, loss_cached, atol=1e-6)
+    assert torch.allclose(grad_pixels, grad_cached, atol=1e-6)  # the projector trains the same
+    # the feature setting is part of the fingerprint: another selection, another folder
+    other = family.feature_encoder(model)
+    other.cache_settings = {**other.cache_settings, "vision_feature_layer": -3}
+    assert FeatureCache(tmp_path / "cache", other, processor.image_processor, max_bytes=1).dir != (
+        cache.dir)  # fmt: skip
+    # with LoRA (peft wraps the model) the hook still runs, inside the forward
+    wrapped = add_lora(model, r=2, alpha=4, dropout=0.0)
+    family.use_cached_features(wrapped)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(**from_cache).loss, wrapped(**from_pixels).loss, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +301,47 @@ def test_trains_saves_and_loads_with_plain_transformers(tiny_dinov2_dir, lm_dir,
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert plain.stdout.strip().splitlines()[-1] == repr(ours)
     assert ours
+
+
+def test_trains_on_cached_features_with_lora(tiny_dinov2_dir, lm_dir, tmp_path):
+    """The trainer fills the feature cache for LLaVA and trains from it (LoRA on the LM, the
+    projector whole): the tower never runs in a training step."""
+    from safetensors import safe_open
+
+    from captioner.data.scenes import generate_scenes
+
+    scenes = generate_scenes(tmp_path / "scenes", n=8, seed=3)
+    out = tmp_path / "run"
+    model_args, data_args, decoding, training_args = parse_train_args([
+        "--model", spec_for(tiny_dinov2_dir, lm_dir), "--data", str(scenes),
+        "--output_dir", str(out), "--max_steps", "3", "--eval_strategy", "no",
+        "--feature_cache", str(tmp_path / "features"), "--lora_r", "2", "--test_size", "0",
+        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no",
+    ])  # fmt: skip
+    calls = []
+    tower_forward = None
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            nonlocal tower_forward
+            tower = family_named("llava").vision_tower(model.get_base_model())  # peft inside
+            tower_forward = tower.register_forward_hook(lambda *a: calls.append(1))
+
+    train(model_args, data_args, training_args, decoding, callbacks=[Spy()])
+    tower_forward.remove()
+    assert calls == []  # every step read the cache
+    shards = list((tmp_path / "features").rglob("shard-*.safetensors"))
+    assert len(shards) == 1
+    with safe_open(str(shards[0]), framework="pt") as f:
+        assert len(list(f.keys())) == 8 and f.metadata()["fingerprint"] == shards[0].parent.name
+    losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())[
+        "log_history"] if "loss" in e]  # fmt: skip
+    assert len(losses) == 3 and all(loss == loss for loss in losses)  # finite, not NaN
+    trained, _ = load_model(out)
+    built, _ = load_model(out / "preset")
+    projector = trained.model.multi_modal_projector.linear_1.weight
+    assert not torch.equal(projector, built.model.multi_modal_projector.linear_1.weight)
+    assert Captioner.from_pretrained(out).caption([scenes / "00000.png"], max_new_tokens=4)[0]
 
 
 PLAIN_LLAVA = """

@@ -3,6 +3,10 @@ folder is a model folder everywhere, and merging changes no caption."""
 
 from __future__ import annotations
 
+import json
+import pickle
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +77,90 @@ def test_lora_training_changes_only_adapters_and_merging_keeps_captions(
     assert merged == unmerged == kept
     with pytest.raises(CaptionerError, match="not a LoRA adapter folder"):
         merge_adapter(chatty_model_dir, tmp_path / "nope")
+
+
+# ---- odd adapter folders and merge targets (issue 19) ----
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """An untrained LoRA adapter on the tiny GIT, saved as training saves one."""
+    model, processor = load_model(tiny_model_dir)
+    out = tmp_path_factory.mktemp("adapter")
+    add_lora(model, r=2).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+class _Planted:
+    """Unpickling this touches a file: the proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_adapters_that_cannot_load_are_one_line_errors_naming_the_file(adapter, tmp_path):
+    selfish = tmp_path / "selfish"
+    shutil.copytree(adapter, selfish)
+    config = json.loads((selfish / "adapter_config.json").read_text())
+    (selfish / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": str(selfish)})
+    )
+    with pytest.raises(CaptionerError, match="adapter_config.json.*cannot be its own base"):
+        load_model(selfish)  # was a RecursionError
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapter, pickled)
+    (pickled / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (pickled / "adapter_model.bin").write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.raises(CaptionerError, match=r"adapter_model\.bin: a pickle file.*safetensors"):
+        load_model(pickled)
+    assert not marker.exists()
+    (selfish / "adapter_config.json").write_text("[]")
+    with pytest.raises(CaptionerError, match="adapter_config.json: does not say which model"):
+        load_model(selfish)
+
+
+def test_merge_writes_a_new_folder_whole_and_never_into_its_inputs(
+    adapter, tmp_path, monkeypatch, capsys
+):
+    from captioner import cli
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(CaptionerError, match="not empty .*--overwrite"):
+        merge_adapter(adapter, out)
+    for inside in (adapter, adapter.parent):  # the adapter's own folder, or one holding it
+        with pytest.raises(CaptionerError, match="which it is made from"):
+            merge_adapter(adapter, inside, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CaptionerError, match="not a folder"):
+        merge_adapter(adapter, tmp_path / "file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CaptionerError, match="symlink"):
+        merge_adapter(adapter, tmp_path / "dangling")
+    assert not (tmp_path / "nowhere").exists() and is_adapter_dir(adapter)
+    assert (out / "notes.txt").read_text() == "precious"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:  # a merge that fails half way changes nothing
+        patch.setattr(type(load_model(adapter)[1]), "save_pretrained", full_disk)
+        with pytest.raises(OSError):
+            merge_adapter(adapter, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert merge_adapter(adapter, out, overwrite=True) == out
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+    assert not is_adapter_dir(out) and load_model(out)[0] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file", "merged"]
+
+    monkeypatch.setattr(sys, "argv", ["captioner", "merge", str(adapter), str(adapter)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "error:" in err and "made from" in err, err

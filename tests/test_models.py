@@ -14,8 +14,9 @@ def test_preset_tokenizer_follows_the_captions(tmp_path):
     out = build_preset("tiny", ["a red circle on blue", "a green star on white"] * 3, tmp_path)
     model, processor = load_model(out)
     vocab = processor.tokenizer.get_vocab()
-    assert {"red", "circle", "green", "star"} <= set(vocab)
-    assert len(vocab) < 200  # caption-sized, not BERT's 30,522
+    for word in ("red", "circle", "green", "star"):  # each caption word is one token
+        assert len(processor.tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    assert len(vocab) < 256 + 200  # the 256 bytes + caption-sized merges, not BERT's 30,522
     assert model.config.vocab_size == len(processor.tokenizer)
     assert model.config.bos_token_id == processor.tokenizer.cls_token_id
     assert model.config.pad_token_id == processor.tokenizer.pad_token_id
@@ -46,3 +47,38 @@ def test_hub_id_offline_is_one_clear_error():
 def test_unknown_preset():
     with pytest.raises(CaptionerError, match="unknown preset"):
         build_preset("huge", ["a caption"], "/tmp/never")
+
+
+def test_odd_captioner_configs_are_one_line_errors_naming_the_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    from captioner.engine import Captioner
+    from captioner.jobs.evaluate import split_options
+    from captioner.models.build import training_options
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = model / "captioner_config.json"
+    cases = [
+        ("[]", "must hold a JSON object of options, not a list"),
+        ('{"prompt": 5}', "prompt must be a string, not a number"),
+        ('{"seed": "one"}', "seed must be a number, not a string"),
+        (json.dumps({"prompt": "x" * 300}), "the saved prompt has 300 characters, at most 200"),
+        ("{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+    ]
+    for content, message in cases:
+        if isinstance(content, bytes):
+            config.write_bytes(content)
+        else:
+            config.write_text(content)
+        for read in (training_options, lambda m: split_options(m, {})):
+            with pytest.raises(CaptionerError, match=message) as err:
+                read(str(model))
+            assert str(config) in str(err.value) and "--prompt" not in str(err.value)
+    config.write_text(json.dumps({"prompt": "x" * 300}))
+    with pytest.raises(CaptionerError, match="saved prompt"):
+        Captioner.from_pretrained(model)  # was blamed on a --prompt nobody gave
+    config.write_text(json.dumps({"prompt": "a photo of", "seed": 3, "image_column": None}))
+    assert training_options(model)["prompt"] == "a photo of"
+    assert Captioner.from_pretrained(model).default_prompt == "a photo of"

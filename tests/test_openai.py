@@ -28,7 +28,7 @@ from PIL import Image  # noqa: E402
 from test_serve import FakeCaptioner, _free_port, noise_png, png  # noqa: E402
 
 from captioner.data import fetch  # noqa: E402
-from captioner.decoding import DecodingOptions  # noqa: E402
+from captioner.decoding import DecodingOptions, Generated  # noqa: E402
 from captioner.engine import Captioner  # noqa: E402
 from captioner.serve import create_app  # noqa: E402
 from captioner.serve.openai import token_pieces  # noqa: E402
@@ -133,6 +133,37 @@ def test_streaming_sends_the_same_caption_piece_by_piece_then_done():
     assert "".join(p for p in pieces if p) == plain["choices"][0]["message"]["content"]
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+class CountingCaptioner(FakeCaptioner):
+    """Says what it generated (`details=True`), as the engine's details API does: 3 tokens,
+    stopped by max_tokens, whatever the text re-tokenizes to."""
+
+    def caption(self, images, decoding=None, *, batch_size=None, details=False):
+        texts = super().caption(images, decoding, batch_size=batch_size)
+        return [Generated(t, tokens=3, finish_reason="length") if details else t for t in texts]
+
+
+def test_finish_reason_and_usage_say_what_generation_did(chatty_model_dir):
+    body = chat(image_part(data_url(png(16, 12))), max_tokens=3)
+    with client_for(CountingCaptioner()) as client:
+        answer = client.post("/v1/chat/completions", json=body).json()
+        stopped = client.post("/v1/chat/completions", json={**body, "stop": "rgb"}).json()
+        plain = client.post("/caption", json={"url": data_url(png(16, 12))}).json()
+    [choice] = answer["choices"]
+    assert choice["message"]["content"] == "16x12 rgb(200, 40, 40)"  # 4 words: not re-counted
+    assert choice["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 3
+    assert stopped["choices"][0]["finish_reason"] == "stop"  # cut at a stop string
+    assert plain["caption"] == "16x12 rgb(200, 40, 40)"
+    # the engine as it is: a caption that filled the clamped limit (the tiny GIT has 62
+    # positions for a caption, 256 were asked for) finished for "length"
+    captioner = Captioner.from_pretrained(chatty_model_dir)
+    limit = captioner.max_new_tokens_limit()
+    with client_for(captioner) as client:
+        r = client.post("/v1/chat/completions", json={**body, "max_tokens": 256})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] >= limit
 
 
 def test_models_list_the_served_model_behind_the_key():

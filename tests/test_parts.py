@@ -174,3 +174,50 @@ def test_failed_conversion_leaves_no_folder_and_stale_ones_are_cleared(
     folder = parts.get_part("fake", tmp_path)
     assert json.loads((folder / parts.MARKER).read_text())["ok"] is True
     assert not list(tmp_path.glob(".fake.tmp-*"))
+
+
+def test_parts_get_copies_into_a_new_folder_never_over_one(tmp_path, monkeypatch, capsys) -> None:
+    import sys
+
+    from captioner import cli
+
+    converted = tmp_path / "cache" / "parts" / "dinov2-small"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    (converted / parts.MARKER).write_text("{}")
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(parts, "get_part", lambda name, cache_dir=None: converted)
+
+    def run(*argv: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["captioner", "parts", "get", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        out = capsys.readouterr()
+        return exit_info.value.code, out.out + out.err
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine.txt").write_text("precious")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for target, message in (
+        (full, "exists and is not empty (use --overwrite"),
+        (tmp_path / "a-file", "exists and is not a folder"),
+        (tmp_path / "dangling", "is a symlink"),
+        (tmp_path / "cache", "which it is made from"),
+    ):
+        code, output = run(
+            "dinov2-small", str(target), *(["--overwrite"] * (target.name == "cache"))
+        )
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1 and message in errors[0], output
+    assert (full / "mine.txt").read_text() == "precious" and not (tmp_path / "nowhere").exists()
+    assert run("dinov2-small", str(tmp_path / "new")) == (0, f"{tmp_path / 'new'}\n")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
+        "captioner_part.json",
+        "config.json",
+    ]
+    assert run("dinov2-small", str(full), "--overwrite")[0] == 0
+    assert sorted(p.name for p in full.iterdir()) == ["captioner_part.json", "config.json"]
+    assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
+    assert (converted / "config.json").is_file()

@@ -251,18 +251,14 @@ def parts_list() -> None:
 @parts_app.command("get")
 def parts_get(
     name: str = typer.Argument(..., help="A part from `captioner parts list`."),
-    out: str | None = typer.Argument(None, help="Also copy the converted folder here."),
+    out: str | None = typer.Argument(None, help="Also copy the converted folder here (new)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
 ) -> None:
     """Convert a part once into the cache ($CAPTIONER_CACHE/parts) and print its folder."""
-    import shutil
-
-    from captioner.models.parts import get_part
+    from captioner.models.parts import copy_part, get_part
 
     _logging()
-    folder = get_part(name)
-    if out is not None:
-        shutil.copytree(folder, out, dirs_exist_ok=True)
-        folder = out
+    folder = get_part(name) if out is None else copy_part(name, out, overwrite=overwrite)
     typer.echo(str(folder))
 
 
@@ -479,11 +475,31 @@ def caption_command(
     if engine not in ("local", "ray"):
         raise CaptionerError(f"--engine must be local or ray, not {engine!r}")
     if engine == "ray":
+        local_only = {
+            "--sidecar": sidecar,
+            "--caption_extension": caption_extension != ".txt",
+            "--skip_existing": skip_existing,
+            "--overwrite": overwrite,
+            "--on_collision": on_collision != "error",
+        }
+        refused = [name for name, given in local_only.items() if given]
+        if refused:
+            raise CaptionerError(
+                f"--engine ray writes JSONL shards into the --output folder: {refused[0]} is for "
+                "the local engine (use a new --output folder, or --resume to continue one)"
+            )
+        job = dict(resume=resume, retry_errors=retry_errors, device=device,
+                   trust_remote_code=trust_remote_code, dtype=dtype, int8=int8, seed=seed,
+                   progress=progress)  # fmt: skip
         summary = _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size,
-                                  decoding, resume, device, trust_remote_code,
-                                  gpus_per_worker)  # fmt: skip
+                                  decoding, gpus_per_worker, job)  # fmt: skip
         _print_caption_summary(summary)
         return
+    ray_only = {"--ray_address": ray_address, "--num_workers": num_workers,
+                "--gpus_per_worker": gpus_per_worker}  # fmt: skip
+    given = [name for name, value in ray_only.items() if value]
+    if given:
+        raise CaptionerError(f"{given[0]} goes with --engine ray")
     summary = caption_files(
         model,
         inputs,
@@ -507,7 +523,7 @@ def caption_command(
 
 
 def _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size, decoding,
-                    resume, device, trust_remote_code, gpus_per_worker):  # fmt: skip
+                    gpus_per_worker, options):  # fmt: skip
     try:
         from captioner.jobs.ray_caption import RayJob, caption_with_ray
     except ImportError as err:
@@ -518,12 +534,14 @@ def _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size,
     if output is None:
         raise CaptionerError("--engine ray needs --output FOLDER (JSONL shards are written there)")
     job = RayJob(model, list(inputs), output, ray_address=ray_address, num_workers=num_workers,
-                 batch_size=batch_size or 32, decoding=decoding, resume=resume, device=device,
-                 trust_remote_code=trust_remote_code, gpus_per_worker=gpus_per_worker)  # fmt: skip
+                 batch_size=batch_size or 32, decoding=decoding, gpus_per_worker=gpus_per_worker,
+                 **options)  # fmt: skip
     return caption_with_ray(job)
 
 
 def _print_caption_summary(summary) -> None:
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     for image, reason in summary.failed:
         console.print(
             f"[red]failed:[/] {escape(image)}: {escape(reason)}", highlight=False, soft_wrap=True
@@ -533,6 +551,68 @@ def _print_caption_summary(summary) -> None:
     )
     if summary.failed:
         raise typer.Exit(1)
+
+
+# --- review ---
+
+
+@app.command()
+def review(
+    source: str = typer.Argument(
+        ...,
+        help="Dataset: folder (+ .txt sidecars or metadata.jsonl), CSV/TSV/JSONL manifest; Hub "
+        "ids, parquet, save_to_disk and .tar shards open read-only.",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Caption images on the page with this model (as for `caption`)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes it."),
+    port: int = typer.Option(8765, "--port", help="TCP port."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api_key",
+        envvar="CAPTIONER_API_KEY",
+        help="Require this key (X-API-Key, Bearer, or the page's key box).",
+    ),
+    allowed_hosts: list[str] | None = typer.Option(
+        None,
+        "--allowed_hosts",
+        help="Host header names to accept (repeatable; * = any; default: loopback names for a "
+        "loopback bind, any otherwise).",
+    ),
+    image_column: str | None = typer.Option(
+        None, "--image_column", help="Manifest image column (default: image, file_name, ...)."
+    ),
+    caption_column: str | None = typer.Option(
+        None, "--caption_column", help="Manifest caption column (default: text, captions, ...)."
+    ),
+    export_to: str | None = typer.Option(
+        None,
+        "--export_to",
+        help="Where Export writes a read-only source as an editable folder "
+        "(default: ./NAME-editable).",
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... for --model."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust_remote_code", help="Allow model code from the Hub."
+    ),
+) -> None:
+    """Browse, search, check and edit SOURCE's captions on one page; saves go back where each
+    caption came from, with backups under .captioner-backup/."""
+    try:
+        from captioner.serve.review import run_review
+    except ImportError as err:
+        raise CaptionerError(
+            f"`captioner review` needs the serve extra ({err.name} is missing): "
+            "pip install 'captioner[serve]'"
+        ) from None
+    _logging()
+    run_review(
+        source, model=model, host=host, port=port, api_key=api_key, allowed_hosts=allowed_hosts,
+        image_column=image_column, caption_column=caption_column, export_to=export_to,
+        device=device, trust_remote_code=trust_remote_code,
+        say=lambda line: console.print(line, markup=False, highlight=False),
+    )  # fmt: skip
 
 
 # --- serve ---
@@ -671,12 +751,13 @@ def export(
 def merge(
     adapter_dir: str = typer.Argument(..., help="A LoRA training output (adapter_config.json)."),
     out: str = typer.Argument(..., help="Folder for the merged, plain transformers model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
 ) -> None:
     """Fold a LoRA adapter into its base model: a plain folder that needs neither peft nor
     captioner (caption, eval and serve also take the adapter folder itself)."""
     from captioner.models.build import merge_adapter
 
-    console.print(f"merged model in {merge_adapter(adapter_dir, out)}")
+    console.print(f"merged model in {merge_adapter(adapter_dir, out, overwrite=overwrite)}")
 
 
 # --- demo ---

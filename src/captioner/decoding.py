@@ -29,14 +29,21 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "max_new_tokens": (1, 256, False),
     "num_beams": (1, 16, False),
     "top_p": (0, 1, True),
-    "temperature": (0, 5, True),
+    # 1e-45 passes "> 0" and turns the logits into inf/NaN (torch.multinomial then fails):
+    # the lowest temperature and penalty are ones sampling survives.
+    "temperature": (0.01, 5, False),
     "num_return_sequences": (1, 16, False),
-    "repetition_penalty": (0, 5, True),
+    "repetition_penalty": (0.01, 5, False),
     "min_new_tokens": (0, 256, False),
     "length_penalty": (-10, 10, False),
     "max_words": (1, 1000, False),
 }
 MAX_PROMPT_CHARS = 200
+MAX_AFFIX_CHARS = 200  # prefix, suffix: added to every caption
+# bad_words / force_words: every word becomes up to 4 tokenizer calls and a constraint checked at
+# every step of generate, so one request may name only so many.
+MAX_WORDS = 256
+MAX_WORDS_CHARS = 4096
 
 
 def _option(default: Any, help: str):
@@ -76,12 +83,21 @@ class DecodingOptions:
     suffix: str | None = _option(None, 'Text put after every caption, e.g. ", high quality".')
 
     def __post_init__(self) -> None:
-        self.bad_words = _words(self.bad_words)
-        self.force_words = _words(self.force_words)
+        self.bad_words = _words(self.bad_words, "bad_words")
+        self.force_words = _words(self.force_words, "force_words")
         for name, bounds in BOUNDS.items():
             _check_bounds(name, getattr(self, name), *bounds)
         if self.prompt is not None and len(self.prompt) > MAX_PROMPT_CHARS:
             raise CaptionerError(f"--prompt: at most {MAX_PROMPT_CHARS} characters")
+        for name in ("prefix", "suffix"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_AFFIX_CHARS:
+                raise CaptionerError(f"--{name}: at most {MAX_AFFIX_CHARS} characters")
+        if self.min_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise CaptionerError(
+                f"--min_new_tokens ({self.min_new_tokens}) must be <= --max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
         if not self.do_sample and (self.top_p is not None or self.temperature is not None):
             raise CaptionerError("--top_p / --temperature only apply with --do_sample")
         if (
@@ -148,9 +164,38 @@ class DecodingOptions:
         return f"{self.prefix or ''}{caption}{self.suffix or ''}"
 
 
-def _words(items: list[str]) -> list[str]:
-    """Repeated and comma-separated words, as one clean list."""
-    return [w for w in (w.strip() for words in items for w in words.split(",")) if w]
+class Generated(str):
+    """A caption that also says how generation ended: `tokens` generated (the prompt and the end
+    token not counted) and `finish_reason`, "stop" (the model ended it) or "length" (it ran
+    into max_new_tokens, after any clamping). It is a str, so code that wants text needs nothing
+    else; None where the producer did not count (a plain str carries neither)."""
+
+    tokens: int | None
+    finish_reason: str | None
+
+    def __new__(
+        cls, text: str, tokens: int | None = None, finish_reason: str | None = None
+    ) -> Generated:
+        self = super().__new__(cls, text)
+        self.tokens = tokens
+        self.finish_reason = finish_reason
+        return self
+
+    def __reduce__(self):  # pickles with its counts (DataLoader workers, Ray actors)
+        return (type(self), (str(self), self.tokens, self.finish_reason))
+
+
+def _words(items: list[str], name: str) -> list[str]:
+    """Repeated and comma-separated words, as one clean list without repeats, bounded."""
+    words = [w for w in (w.strip() for words in items for w in words.split(",")) if w]
+    words = list(dict.fromkeys(words))
+    chars = sum(len(w) for w in words)
+    if len(words) > MAX_WORDS or chars > MAX_WORDS_CHARS:
+        raise CaptionerError(
+            f"--{name}: at most {MAX_WORDS} words and {MAX_WORDS_CHARS:,} characters in all, "
+            f"got {len(words):,} words and {chars:,} characters"
+        )
+    return words
 
 
 def option_help(name: str) -> str:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from captioner.data.fetch import fetch, is_url
 from captioner.data.images import load_image, source_name
-from captioner.decoding import DecodingOptions
+from captioner.decoding import DecodingOptions, Generated
 from captioner.errors import BadImageError, CaptionerError
 from captioner.models import precision
 from captioner.models.build import load_model, training_options
@@ -158,14 +158,19 @@ class Captioner:
     # ---- public API ----
 
     def caption(
-        self, images: Sequence[Any] | Any, decoding: DecodingOptions | None = None, **kwargs: Any
+        self,
+        images: Sequence[Any] | Any,
+        decoding: DecodingOptions | None = None,
+        *,
+        details: bool = False,
+        **kwargs: Any,
     ) -> list[str] | list[list[str]]:
         """Caption `images` (a list, or one image); raises BadImageError on the first bad one.
 
-        `decoding` and keyword arguments are those of `caption_iter`. Returns one string per
-        image, or a list of `num_return_sequences` strings per image when that is > 1. With a
-        `prompt`, GIT, BLIP and VisionEncoderDecoder captions start with it (it is part of the
-        caption); for the other families it is the instruction (LLaVA's saved prompt, a chat
+        `decoding`, `details` and keyword arguments are those of `caption_iter`. Returns one
+        string per image, or a list of `num_return_sequences` strings per image when it is > 1.
+        With a `prompt`, GIT, BLIP and VisionEncoderDecoder captions start with it (it is part of
+        the caption); for the other families it is the instruction (LLaVA's saved prompt, a chat
         model's user turn, PaliGemma's task prefix, Florence-2's task token) and is not.
         """
         if isinstance(images, (str, bytes, bytearray, dict, os.PathLike, Image.Image)):
@@ -173,7 +178,7 @@ class Captioner:
         elif not (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
             images = list(images)
         out: list[Any] = [None] * len(images)
-        for i, result in self.caption_iter(images, decoding, **kwargs):
+        for i, result in self.caption_iter(images, decoding, details=details, **kwargs):
             if isinstance(result, BadImageError):
                 raise result
             out[i] = result
@@ -188,6 +193,7 @@ class Captioner:
         batch_size: int | None = None,
         num_workers: int | None = None,
         progress: ProgressFn | None = None,
+        details: bool = False,
         **options: Any,
     ) -> Iterator[tuple[int, str | list[str] | BadImageError]]:
         """Yield `(index, caption)` in input order, batch by batch, for big jobs.
@@ -195,9 +201,18 @@ class Captioner:
         `decoding` holds the decoding options; any of its fields may also be given as a keyword
         (`num_beams=3`), which overrides it. A bad image yields `(index, BadImageError)` instead
         of stopping the run. `caption` is a str, or a list of `num_return_sequences` strs when
-        that is > 1. `progress` is called with the number of images done after each batch.
+        that is > 1. `progress` is called with the number of images done after each batch. With
+        `details`, captions are `Generated` strings that also carry the number of tokens
+        generated and why generation stopped ("stop": an end token; "length": max_new_tokens).
         """
-        decoding = self._resolve(decoding or DecodingOptions(), options)
+        asked = (decoding or DecodingOptions()).replace(**options)
+        decoding = self.resolve(asked)
+        if decoding.max_new_tokens < asked.max_new_tokens:
+            log.warning(
+                "max_new_tokens %d is more than this model's text positions allow: using %d",
+                asked.max_new_tokens,
+                decoding.max_new_tokens,
+            )
         if not (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
             images = list(images)  # a generator: the loader needs random access
         if not images:
@@ -223,7 +238,7 @@ class Captioner:
             for (good, inputs, prompt_tokens), errors in loader:
                 results: dict[int, Any] = dict(errors)
                 if good:
-                    texts = self._generate(inputs, prompt_tokens, decoding, gen_kwargs)
+                    texts = self._generate(inputs, prompt_tokens, decoding, gen_kwargs, details)
                     for k, i in enumerate(good):
                         group = texts[k * n_out : (k + 1) * n_out]
                         results[i] = group if n_out > 1 else group[0]
@@ -291,10 +306,11 @@ class Captioner:
 
     # ---- internals ----
 
-    def _resolve(self, decoding: DecodingOptions, options: dict[str, Any]) -> DecodingOptions:
+    def resolve(self, decoding: DecodingOptions | None = None, **options: Any) -> DecodingOptions:
         """The options this model runs with: the saved prompt unless one is given, and a caption
-        no longer than the model's positions allow (clamped, with a note)."""
-        decoding = decoding.replace(**options)
+        no longer than the model's positions allow (max_new_tokens clamped, min_new_tokens with
+        it). Nothing is logged: `caption_iter` notes a clamp."""
+        decoding = (decoding or DecodingOptions()).replace(**options)
         if decoding.prompt is None and self.default_prompt:
             decoding = decoding.replace(prompt=self.default_prompt)
         limit = self.max_new_tokens_limit()
@@ -302,12 +318,10 @@ class Captioner:
             used = len(self.tokenizer(decoding.prompt, add_special_tokens=False).input_ids)
             limit = max(1, limit - used)
         if limit is not None and decoding.max_new_tokens > limit:
-            log.warning(
-                "max_new_tokens %d is more than this model's text positions allow: using %d",
-                decoding.max_new_tokens,
-                limit,
+            low = decoding.min_new_tokens
+            decoding = decoding.replace(
+                max_new_tokens=limit, min_new_tokens=None if low is None else min(low, limit)
             )
-            decoding = decoding.replace(max_new_tokens=limit)
         if decoding.force_words:
             raise CaptionerError(
                 "--force_words needs constrained beam search, which transformers 5 moved out of "
@@ -335,14 +349,29 @@ class Captioner:
 
     def _generate(
         self, inputs: dict[str, Any], prompt_tokens: int, decoding: DecodingOptions,
-        gen_kwargs: dict,
+        gen_kwargs: dict, details: bool = False,
     ) -> list[str]:  # fmt: skip
         inputs = {k: self._to_device(v) for k, v in inputs.items()}
         ids = self.model.generate(**inputs, **gen_kwargs)
         texts = self.family.decode(
             self.processor, ids, inputs, prompt_tokens, keep_prompt=decoding.keep_prompt
         )
-        return [decoding.finish(" ".join(t.split())) for t in texts]
+        texts = [decoding.finish(" ".join(t.split())) for t in texts]
+        if not details:
+            return texts
+        new = self.family.generated_ids(ids, inputs, prompt_tokens).tolist()
+        ends = self._end_ids(gen_kwargs)
+        return [Generated(text, *_count(row, ends, self._start_ids())) for text, row in
+                zip(texts, new, strict=True)]  # fmt: skip
+
+    def _end_ids(self, gen_kwargs: dict) -> set[int]:
+        eos = gen_kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def _start_ids(self) -> set[int]:
+        config = self.model.generation_config
+        starts = {config.bos_token_id, config.decoder_start_token_id, config.pad_token_id}
+        return {i for i in starts if i is not None}
 
     def _to_device(self, value: Any) -> Any:
         """Tensors to the model's device; floating ones (pixels) in the model's dtype."""
@@ -351,3 +380,15 @@ class Captioner:
         if value.is_floating_point():
             return value.to(self.device, self.model.dtype)
         return value.to(self.device)
+
+
+def _count(row: list[int], ends: set[int], starts: set[int]) -> tuple[int, str]:
+    """(tokens generated, finish reason) of one output row after its prompt: leading start and
+    pad tokens do not count; an end token stops it ("stop"), running out of tokens is "length"."""
+    i = 0
+    while i < len(row) and row[i] in starts and row[i] not in ends:
+        i += 1
+    for j in range(i, len(row)):
+        if row[j] in ends:
+            return j - i, "stop"
+    return len(row) - i, "length"

@@ -23,7 +23,8 @@ Failures are `BadImageError(url, reason)` with a precise reason, for the CLI use
 URL. A server must not relay those reasons to its callers (they would map its network:
 which ports are closed, which hosts answer 404): it answers every failure with `GENERIC_ERROR`.
 A body over the byte limit is `TooLargeError`; a URL the policy refuses is `RefusedError`.
-`data:` URLs are decoded by `decode_data_url`, with the same byte limit.
+`data:` URLs are decoded by `decode_data_url`, with the same byte limit. URL schemes are
+case-insensitive (RFC 3986): `DATA:` and `HTTPS://` are what `data:` and `https://` are.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class UrlPolicy:
 def is_url(src: Any) -> bool:
     """An http(s) URL (data: URLs are handled by the server, which receives them)."""
     return isinstance(src, str) and src.lower().startswith(SCHEMES)
+
+
+def is_data_url(src: Any) -> bool:
+    """A `data:` URL, in any letter case."""
+    return isinstance(src, str) and src[:5].lower() == "data:"
 
 
 def short(text: str, n: int = 80) -> str:
@@ -206,6 +212,7 @@ def decode_data_url(url: str, max_bytes: int | None = None) -> bytes:
     """The bytes of a base64 `data:` URL, within the same byte limit as a download."""
     max_bytes = FETCH_MAX_BYTES if max_bytes is None else max_bytes
     header, sep, payload = url.partition(",")
+    header = header.lower()  # the scheme and the base64 token are case-insensitive
     if not header.startswith("data:") or not sep or not header.endswith(";base64"):
         raise BadImageError("data: URL", "must be base64 (data:image/png;base64,...)")
     if len(payload) * 3 // 4 > max_bytes + 3:

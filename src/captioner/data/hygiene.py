@@ -43,6 +43,8 @@ from captioner.data.images import DEFAULT_MAX_PIXELS, decode_rgb, open_checked
 from captioner.data.sources import load_captions
 from captioner.errors import BadImageError, CaptionerError
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_NEAR_THRESHOLD = 6  # pHash bits that may differ; resized + re-encoded copies differ by 0-4
@@ -381,31 +383,41 @@ def write_clean_manifest(report: HygieneReport, out_path: str | os.PathLike) -> 
 
     Paths are relative to the manifest, as manifests need: images under its folder are referred
     to where they are; others (elsewhere on disk, inside shards or Hub datasets) are copied into
-    `<manifest stem>_images/` beside it. Nothing existing is modified: an existing `out_path` is
-    an error. Note that a folder source holding exactly one manifest is read as that manifest, so
-    write this one elsewhere than into such a folder.
+    `<manifest stem>_images/` beside it, a folder made new for them (files created with O_EXCL |
+    O_NOFOLLOW through its descriptor: no link followed, nothing overwritten). Nothing existing
+    is modified: an existing `out_path` or images folder is an error. Note that a folder source
+    holding exactly one manifest is read as that manifest, so write this one elsewhere than into
+    such a folder.
     """
     out = Path(out_path).expanduser()
     suffix = out.suffix.lower()
     if suffix not in _MANIFEST_SUFFIXES:
         raise CaptionerError(f"{out}: the cleaned manifest must be a .csv or .jsonl file")
-    if out.exists():
+    if os.path.lexists(out):
         raise CaptionerError(f"{out}: already exists; name a new file (originals stay untouched)")
     keep, dropped = _plan(report)
     images = _undecoded(report.splits)
     root = out.parent.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    copy_dir = root / f"{out.stem}_images"
-    rows, copied = [], False
-    for item, captions in keep:
-        src = images[item.split][item.index]["image"]
-        rel = _relative(src, root)
-        if rel is None:
-            copy_dir.mkdir(exist_ok=True)
-            rel = _copy_image(src, copy_dir, len(rows)).relative_to(root).as_posix()
-            copied = True
-        rows.append({"image": rel, "captions": captions})
-    with open(out, "x", encoding="utf-8", newline="") as f:
+    planned = [(captions, images[item.split][item.index]["image"]) for item, captions in keep]
+    places = [_relative(src, root) for _, src in planned]
+    copies = None
+    if any(place is None for place in places):
+        copies = _NewFolder(root / f"{out.stem}_images")
+    rows = []
+    try:
+        for (captions, src), rel in zip(planned, places, strict=True):
+            if rel is None:
+                rel = f"{copies.path.name}/{copies.add(src, len(rows))}"
+            rows.append({"image": rel, "captions": captions})
+    finally:
+        if copies is not None:
+            copies.close()
+    try:
+        f = open(out, "x", encoding="utf-8", newline="")  # noqa: SIM115 - O_EXCL: no link followed
+    except FileExistsError:
+        raise CaptionerError(f"{out}: already exists; name a new file") from None
+    with f:
         if suffix == ".jsonl":
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         else:
@@ -413,7 +425,7 @@ def write_clean_manifest(report: HygieneReport, out_path: str | os.PathLike) -> 
             writer.writerow(["image", "captions"])
             for row in rows:
                 writer.writerow([row["image"], json.dumps(row["captions"], ensure_ascii=False)])
-    return CleanManifest(out, len(rows), dropped, copy_dir if copied else None)
+    return CleanManifest(out, len(rows), dropped, copies.path if copies else None)
 
 
 def _plan(report: HygieneReport) -> tuple[list[tuple[Item, list[str]]], list[str]]:
@@ -478,17 +490,48 @@ def _relative(src: dict, root: Path) -> str | None:
     return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else None
 
 
-def _copy_image(src: dict, folder: Path, n: int) -> Path:
-    name = Path(src.get("path") or "image").name
-    target = folder / f"{n:06d}_{name}"
-    if src.get("bytes") is not None:
-        if not target.suffix:
-            target = target.with_suffix(_sniff_suffix(src["bytes"]))
-        with open(target, "xb") as f:
-            f.write(src["bytes"])
-    else:
-        shutil.copyfile(src["path"], target)
-    return target
+class _NewFolder:
+    """A folder this run creates (an existing one, or a link at its name, is an error) and
+    writes through its descriptor: each file is created with O_EXCL | O_NOFOLLOW, so no link is
+    followed and nothing that exists is overwritten, even if the folder is tampered with."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            raise CaptionerError(
+                f"{path}: already exists; the images are copied into a new folder (remove it, "
+                "or name another manifest)"
+            ) from None
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+        except OSError as err:
+            raise CaptionerError(f"{path}: cannot open ({err.strerror or err})") from None
+
+    def add(self, src: dict, n: int) -> str:
+        """Copy one image (`{"bytes"}` or `{"path"}`) in as a new file; its name."""
+        name = f"{n:06d}_{Path(src.get('path') or 'image').name}"
+        data = src.get("bytes")
+        if data is not None and not Path(name).suffix:
+            name += _sniff_suffix(data)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+        try:
+            fd = os.open(name, flags, 0o666, dir_fd=self.fd)
+        except OSError as err:
+            raise CaptionerError(
+                f"{self.path / name}: cannot create ({err.strerror or err})"
+            ) from None
+        with os.fdopen(fd, "wb") as target:
+            if data is not None:
+                target.write(data)
+            else:
+                with open(src["path"], "rb") as source:
+                    shutil.copyfileobj(source, target)
+        return name
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _sniff_suffix(data: bytes) -> str:

@@ -266,7 +266,7 @@ def _read(source: str | os.PathLike, image_column: str | None, caption_column: s
 
     path = Path(source).expanduser()
     if not path.exists():
-        if _looks_like_path(str(source)):
+        if looks_like_path(str(source)):
             raise CaptionerError(f"{source}: no such file or directory")
         return _from_hub(str(source)), []
     if path.is_file():
@@ -374,8 +374,8 @@ def _from_manifest(manifest: Path, image_column: str | None, caption_column: str
     if not rows:
         raise CaptionerError(f"{manifest}: manifest has no rows")
     columns = list(dict.fromkeys(k for _, row in rows for k in row))
-    img_col = _pick(columns, image_column, IMAGE_COLUMNS, "image", manifest)
-    cap_col = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", manifest)
+    img_col = pick_column(columns, image_column, IMAGE_COLUMNS, "image", manifest)
+    cap_col = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", manifest)
     root = manifest.parent.resolve()
     grouped: dict[str, list[str]] = {}
     for where, row in rows:
@@ -396,7 +396,7 @@ def _from_manifest(manifest: Path, image_column: str | None, caption_column: str
                 value = json.loads(value)
             except json.JSONDecodeError:
                 pass
-        grouped.setdefault(str(target), []).extend(_as_captions(value))
+        grouped.setdefault(str(target), []).extend(as_captions(value))
     return {"train": _dataset(list(grouped), list(grouped.values()))}, bad
 
 
@@ -513,8 +513,8 @@ def _wds_captions(sample: dict, caption_column: str | None) -> list[str]:
         meta = json.loads(sample["json"].decode("utf-8"))
         if isinstance(meta, dict):
             col = caption_column or next((c for c in CAPTION_COLUMNS if c in meta), None)
-            return _as_captions(meta.get(col)) if col else []
-        return _as_captions(meta)
+            return as_captions(meta.get(col)) if col else []
+        return as_captions(meta)
     return []
 
 
@@ -537,8 +537,8 @@ def _clean(
     structural check only, so loading a large dataset does not decode it an extra time."""
     import datasets
 
-    img_col = _pick(ds.column_names, image_column, IMAGE_COLUMNS, "image", where)
-    cap_col = _pick(ds.column_names, caption_column, CAPTION_COLUMNS, "caption", where)
+    img_col = pick_column(ds.column_names, image_column, IMAGE_COLUMNS, "image", where)
+    cap_col = pick_column(ds.column_names, caption_column, CAPTION_COLUMNS, "caption", where)
     ds = ds.select_columns(list(dict.fromkeys([img_col, cap_col])))
     if isinstance(ds.features[img_col], datasets.Image):
         ds = ds.cast_column(img_col, datasets.Image(decode=False))
@@ -546,7 +546,7 @@ def _clean(
     for i, row in enumerate(ds):
         image = row[img_col]
         name = source_name(image, f"{where}[{i}]")
-        caps = _as_captions(row[cap_col])
+        caps = as_captions(row[cap_col])
         if not caps:
             bad.append(BadExample(name, "no caption"))
             continue
@@ -606,7 +606,7 @@ def _dataset(images: list, captions: list[list[str]]):
     return datasets.Dataset.from_dict({"image": images, "captions": captions}, features=_features())
 
 
-def _as_captions(value: Any) -> list[str]:
+def as_captions(value: Any) -> list[str]:
     """A cell -> a list of non-empty captions with whitespace collapsed."""
     if value is None:
         return []
@@ -614,7 +614,11 @@ def _as_captions(value: Any) -> list[str]:
     return [" ".join(str(v).split()) for v in items if v is not None and str(v).strip()]
 
 
-def _pick(columns: list[str], wanted: str | None, candidates: tuple, what: str, where: Any) -> str:
+def pick_column(
+    columns: list[str], wanted: str | None, candidates: tuple, what: str, where: Any
+) -> str:
+    """The `what` column of a table: `wanted` if given (it must exist), else the first of
+    `candidates` present; a CaptionerError naming `where` otherwise."""
     if wanted:
         if wanted in columns:
             return wanted
@@ -648,7 +652,7 @@ def _hidden(f: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in f.relative_to(root).parts)
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """Hub ids are `name` or `owner/name`; anything else that does not exist is a missing path."""
     return (
         source.startswith((".", "/", "~"))

@@ -50,11 +50,13 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 @dataclass
 class CaptionSummary:
-    """What a job did: counts, plus the failed `(image, reason)` pairs for the report."""
+    """What a job did: counts, plus the failed `(image, reason)` pairs and notes (what was
+    repaired in an earlier output) for the report."""
 
     captioned: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -291,6 +293,8 @@ def caption_files(
     clashes = [im for im in todo if im in collided]
     todo = [im for im in todo if im not in collided]
     summary = CaptionSummary(skipped=len(images) - len(todo) - len(clashes))
+    if previous.torn_tail:
+        summary.notes.append(f"{out_path}: dropped its torn last line (left by a crash)")
     # 3. The model, before any file is touched.
     captioner = None
     if todo:

@@ -4,12 +4,19 @@
 flags); an empty split is an error naming the flag that gives rows. With `output_dir`:
 `metrics.json` (the first model's metrics at top level, the other's under
 "compare"), `samples.jsonl` per model, and the self-contained `report.html`.
+
+`num_skipped` counts every example left out of the scores: those the source's cleaning pass
+dropped as it was read (`num_skipped_reading`: the "skipped N of M examples" the log reports,
+whichever split they would have fallen in) and the split's images that failed to caption.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +90,32 @@ def choose_split(job: EvalJob, data_args: DataArguments, seed: int):
     return dataset
 
 
+@contextlib.contextmanager
+def _skipped_reading() -> Iterator[list[int]]:
+    """The examples the source's cleaning pass skips while the block runs (data/sources.py
+    reports them in one warning, "skipped N of M examples in SOURCE")."""
+    counts: list[int] = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if str(record.msg).startswith("skipped %d of %d examples") and record.args:
+                counts.append(int(record.args[0]))  # type: ignore[index]
+
+    logger = logging.getLogger("captioner.data.sources")
+    handler = Count(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield counts
+    finally:
+        logger.removeHandler(handler)
+
+
 def run_eval(job: EvalJob) -> tuple[list[EvalResult], dict[str, float] | None]:
     """Evaluate `job.model` (and `job.compare`) on the split; write the files when asked."""
     # 1. The split the model was trained with, unless the user says otherwise (or every row).
     data_args, seed = split_options(job.model, {**job.data_options, "data": job.data})
-    dataset = choose_split(job, data_args, seed)
+    with _skipped_reading() as skipped:
+        dataset = choose_split(job, data_args, seed)
     max_samples = data_args.max_eval_samples
     # 2. Caption and score with each model in turn (one in memory at a time).
     results, teacher_forced = [], {} if job.teacher_forced else None
@@ -115,6 +143,8 @@ def run_eval(job: EvalJob) -> tuple[list[EvalResult], dict[str, float] | None]:
                 max_samples=max_samples,
             )
             result.metrics["teacher_forced_wer"] = teacher_forced[name]
+        result.metrics["num_skipped_reading"] = sum(skipped)
+        result.metrics["num_skipped"] = result.metrics.get("num_skipped", 0) + sum(skipped)
         results.append(result)
         del captioner
     # 3. The files.

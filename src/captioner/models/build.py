@@ -22,13 +22,15 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from captioner.decoding import MAX_PROMPT_CHARS
 from captioner.errors import CaptionerError
 from captioner.hub import hub_reachable, is_offline
 from captioner.models.compose import CompositeSpec, build_composite, is_spec
 from captioner.models.families import family_for
 from captioner.models.families.git import GitFamily
-from captioner.models.lora import attach, base_model_path, is_adapter_dir
-from captioner.models.tokenizer import train_wordpiece
+from captioner.models.lora import ADAPTER_CONFIG, attach, base_model_path, is_adapter_dir
+from captioner.models.parts import check_target, publish_folder
+from captioner.models.tokenizer import train_caption_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,17 @@ PRESETS = tuple(
 # Written by training beside the model: the options it ran with (its split, above all, so that
 # evaluation scores the held-out images and not training ones).
 CONFIG_NAME = "captioner_config.json"
+MAX_CONFIG_BYTES = 1 << 20
+# The saved options something reads back, and the JSON types each must have (None is "unset").
+SAVED_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "prompt": (str,),
+    "test_size": (int, float),
+    "seed": (int,),
+    "image_column": (str,),
+    "caption_column": (str,),
+    "on_bad_image": (str,),
+}
+MAX_ADAPTER_CHAIN = 8  # an adapter whose base is an adapter...: never a loop
 
 
 def is_preset(name: str | os.PathLike) -> bool:
@@ -63,9 +76,43 @@ def is_composition(name: str | os.PathLike) -> bool:
 
 
 def training_options(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The options a captioner-trained model was trained with ({} for any other model)."""
+    """The options a captioner-trained model was trained with ({} for any other model).
+
+    The file is checked, as anything in a model folder someone sent: a JSON object, and the
+    options read back from it (`SAVED_OPTION_TYPES`: the prompt, the split) of the right type
+    and within their bounds; anything else is an error naming the file."""
     path = Path(model_dir) / CONFIG_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise CaptionerError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes")
+        options = json.loads(data)
+    except OSError as err:
+        raise CaptionerError(f"{path}: cannot read ({err.strerror or err})") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CaptionerError(f"{path}: not valid JSON ({type(err).__name__})") from None
+    if not isinstance(options, dict):
+        raise CaptionerError(f"{path}: must hold a JSON object of options, not a {_kind(options)}")
+    for key, kinds in SAVED_OPTION_TYPES.items():
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            want = " or ".join("number" if k is float else _kind(k()) for k in kinds)
+            raise CaptionerError(f"{path}: {key} must be a {want}, not a {_kind(value)}")
+    prompt = options.get("prompt")
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+        raise CaptionerError(
+            f"{path}: the saved prompt has {len(prompt)} characters, at most {MAX_PROMPT_CHARS}"
+        )
+    return options
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type as JSON calls it."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
 
 
 def _load_error(name_or_path: str, err: Exception) -> CaptionerError:
@@ -91,9 +138,20 @@ def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False, mer
 
     safetensors only; remote code only when the user asks for it.
     """
-    name = str(name_or_path)
+    return _load(str(name_or_path), trust_remote_code, merge, ())
+
+
+def _load(name: str, trust_remote_code: bool, merge: bool, adapters: tuple[str, ...]):
+    """`load_model`; `adapters` are the adapter folders whose base this is (a chain)."""
     if is_adapter_dir(name):
-        base, _ = load_model(base_model_path(name), trust_remote_code=trust_remote_code)
+        here = os.path.realpath(name)
+        if here in adapters or len(adapters) >= MAX_ADAPTER_CHAIN:
+            first = Path(adapters[0] if adapters else name) / ADAPTER_CONFIG
+            raise CaptionerError(
+                f"{first}: base_model_name_or_path leads back to an adapter of the chain "
+                f"({name}): an adapter cannot be its own base"
+            )
+        base, _ = _load(base_model_path(name), trust_remote_code, True, (*adapters, here))
         processor = family_for(base.config).load_processor(
             name, trust_remote_code=trust_remote_code
         )
@@ -113,16 +171,24 @@ def load_model(name_or_path: str | Path, *, trust_remote_code: bool = False, mer
     return model, processor
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Fold a LoRA adapter into its base model and save a plain model folder (with the
-    processor) that loads without peft or captioner."""
+    processor) that loads without peft or captioner.
+
+    `out_dir` must be new or empty unless `overwrite`; it is written in a temporary folder and
+    renamed into place, so a failed merge leaves it as it was. It may be neither the adapter's
+    folder nor its base's (nor hold them)."""
     if not is_adapter_dir(adapter_dir):
         raise CaptionerError(f"{adapter_dir}: not a LoRA adapter folder (no adapter_config.json)")
+    keep = (adapter_dir, base_model_path(adapter_dir))
+    check_target(out_dir, overwrite=overwrite, keep=keep)  # before the minutes of loading
     model, processor = load_model(adapter_dir)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    return publish_folder(out_dir, write, overwrite=overwrite, keep=keep)
 
 
 def preset_config(name: str) -> dict:
@@ -152,7 +218,7 @@ def build_preset(name: str, captions: Iterable[str], out_dir: str | Path, *, see
         )
     if not captions:
         raise CaptionerError("cannot build a preset tokenizer: no training captions")
-    tokenizer = train_wordpiece(
+    tokenizer = train_caption_tokenizer(
         captions,
         vocab_size=spec.get("tokenizer_vocab_size", 1000),
         model_max_length=spec["max_position_embeddings"],

@@ -10,10 +10,11 @@ file in `presets/` (`dinov2-tiny`, `dinov2-smollm2`). The parts:
   `vision_layers=N` keeps its first N layers: DINOv2's self-supervised features lose colour in
   the last layers (a linear probe reads colour at 1.00 from layers 2-4, 0.94 at layer 12), and a
   shorter tower is faster. `image_size=N` resizes inputs to N x N pixels.
-- `text`: `scratch` (a small BERT decoder with cross-attention and a WordPiece tokenizer trained
-  on the training captions: `decoder_*` keys size it), a folder / Hub id of a decoder that takes
-  cross-attention (BERT/MiniLM, GPT-2, ...), loaded with `add_cross_attention=True`, or a
-  decoder-only LM without cross-attention (Llama/SmolLM2, Qwen2, Gemma, ...).
+- `text`: `scratch` (a small BERT decoder with cross-attention and a lossless byte-level BPE
+  tokenizer trained on the training captions: `decoder_*` keys size it), a folder / Hub id of a
+  decoder that takes cross-attention (BERT/MiniLM, GPT-2, ...), loaded with
+  `add_cross_attention=True`, or a decoder-only LM without cross-attention (Llama/SmolLM2,
+  Qwen2, Gemma, ...).
 
 Two families (`family=`; unset, it follows from `text`):
 
@@ -39,9 +40,12 @@ eos only. Plain transformers reproduces a caption with:
     ids = model.generate(**inputs, max_new_tokens=30)[:, inputs.input_ids.shape[1]:]
     caption = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
-The vision tower is frozen by default (`--freeze vision`); for VisionEncoderDecoder its outputs
-are computed once per image and cached (features.py), which is what makes fine-tuning on a CPU
-fast.
+The vision tower is frozen by default (`--freeze vision`), and its outputs are computed once per
+image and cached (features.py): VisionEncoderDecoder's decoder then cross-attends to the cached
+encoder outputs, and LLaVA's projector reads the cached hidden states it selects
+(families/llava.py), so only the decoder side runs in a training step. That is what makes
+fine-tuning a small decoder on a CPU fast; for SmolLM2-135M the LM itself dominates a step
+(bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ from transformers.utils import logging as hf_logging
 from captioner.errors import CaptionerError
 from captioner.models.families.llava import DEFAULT_PROMPT, IMAGE_TOKEN, caption_template
 from captioner.models.parts import get_part, is_part
-from captioner.models.tokenizer import train_wordpiece
+from captioner.models.tokenizer import train_caption_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +402,7 @@ def _text_decoder(spec: CompositeSpec, captions: list[str]):
     captions = [c for c in captions if c and c.strip()]
     if not captions:
         raise CaptionerError("cannot build a caption tokenizer: no training captions")
-    tokenizer = train_wordpiece(
+    tokenizer = train_caption_tokenizer(
         captions,
         vocab_size=spec.tokenizer_vocab_size,
         model_max_length=spec.max_caption_tokens,

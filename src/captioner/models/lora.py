@@ -27,6 +27,8 @@ from captioner.models.families import Family, family_of
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"  # peft's other format: a pickle, never loaded here
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -80,8 +82,21 @@ def add_lora(
 
 
 def attach(base: torch.nn.Module, adapter_dir: str | os.PathLike, *, merge: bool = True):
-    """`base` with the adapter in `adapter_dir` folded in (merged: plain modules, full speed)."""
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    """`base` with the adapter in `adapter_dir` folded in (merged: plain modules, full speed).
+
+    safetensors only: peft would unpickle an `adapter_model.bin` (code, not just weights)."""
+    folder = Path(adapter_dir)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        if (folder / PICKLED_WEIGHTS).exists():
+            raise CaptionerError(
+                f"{folder / PICKLED_WEIGHTS}: a pickle file, which captioner never loads; "
+                f"adapters load from {ADAPTER_WEIGHTS} only"
+            )
+        raise CaptionerError(f"{folder}: no {ADAPTER_WEIGHTS} (the adapter's weights)")
+    try:
+        model = PeftModel.from_pretrained(base, str(folder))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a config or weights peft rejects
+        raise CaptionerError(f"{folder}: cannot load the adapter ({err})") from None
     return model.merge_and_unload() if merge else model
 
 
@@ -91,9 +106,16 @@ def base_model_path(adapter_dir: str | os.PathLike) -> str:
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / "preset" / "config.json").is_file():
         return str(adapter_dir / "preset")
-    recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not recorded:
-        raise CaptionerError(f"{adapter_dir}: the adapter does not say which model it adapts")
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_bytes())
+    except OSError as err:
+        raise CaptionerError(f"{path}: cannot read ({err.strerror or err})") from None
+    except (ValueError, RecursionError) as err:
+        raise CaptionerError(f"{path}: not valid JSON ({type(err).__name__})") from None
+    recorded = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not recorded or not isinstance(recorded, str):
+        raise CaptionerError(f"{path}: does not say which model the adapter adapts")
     return recorded
 
 

@@ -21,7 +21,9 @@ two optional: the `parts` extra) are imported inside the converters.
 
 A conversion writes into a hidden temporary folder next to the target and is moved into place
 with `os.replace`, under a file lock, so a killed conversion never leaves a half folder and two
-processes never convert the same part at the same time.
+processes never convert the same part at the same time. Folders written for the user (`parts get
+NAME DIR`, and `merge` in models/build.py) go through `publish_folder` the same way: a new
+temporary folder beside the target, renamed into place; a non-empty target needs `overwrite`.
 """
 
 from __future__ import annotations
@@ -393,8 +395,10 @@ def _default_root() -> Path:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive lock on `path` so that concurrent `get_part` calls convert a part once."""
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive lock on the file `path` (created if missing), across processes (and machines
+    sharing the folder where the filesystem supports flock): concurrent `get_part` calls convert
+    a part once, concurrent feature-cache fills compute each image once."""
     with open(path, "a") as handle:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -412,6 +416,77 @@ def _share(folder: Path) -> None:
     os.umask(umask)
     for path in [folder, *folder.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def publish_folder(
+    out: str | os.PathLike,
+    fill: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    keep: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Make the folder `out` with `fill(tmp)`, which writes into a new temporary folder beside
+    it; the result is then renamed into place. Nothing is lost or half written: a non-empty `out`
+    is refused unless `overwrite` (then it is replaced whole, once the new one is complete), a
+    file or a symlink at `out` is refused, and so is an `out` that is (or holds) one of the
+    folders in `keep` (the inputs). A failed `fill` leaves `out` as it was."""
+    out = check_target(out, overwrite=overwrite, keep=keep)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        raise CaptionerError(f"{out}: cannot write ({err.strerror or err})") from None
+    try:
+        fill(tmp)
+        _share(tmp)
+        old = None
+        if out.is_dir():  # empty, or --overwrite: moved aside, removed once the new one is in
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        try:
+            os.rename(tmp, out)  # fails (never merges) if a full folder appeared meanwhile
+        except OSError as err:
+            if old is not None:
+                os.replace(old / out.name, out)
+            raise CaptionerError(f"{out}: cannot write ({err.strerror or err})") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_target(
+    out: str | os.PathLike, *, overwrite: bool = False, keep: tuple[str | os.PathLike, ...] = ()
+) -> Path:
+    """`publish_folder`'s checks, alone (to fail before slow work): `out` as a Path."""
+    out = Path(out).expanduser()
+    if out.is_symlink():
+        raise CaptionerError(f"{out}: is a symlink; name a real folder (new, or empty)")
+    if out.exists() and not out.is_dir():
+        raise CaptionerError(f"{out}: exists and is not a folder")
+    target = out.resolve()
+    for kept in keep:
+        kept_path = Path(kept).expanduser()
+        if kept_path.exists() and kept_path.resolve().is_relative_to(target):
+            raise CaptionerError(f"{out}: would replace {kept}, which it is made from")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CaptionerError(f"{out}: exists and is not empty (use --overwrite to replace it)")
+    return out
+
+
+def copy_part(name: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Part `name`, converted once into the cache, copied to the folder `out` (see
+    `publish_folder`: a non-empty `out` needs `overwrite`)."""
+    if name not in PARTS:
+        raise CaptionerError(f"unknown part {name!r}; known: {', '.join(PARTS)}")
+    return publish_folder(
+        out,
+        lambda tmp: shutil.copytree(get_part(name), tmp, dirs_exist_ok=True),
+        overwrite=overwrite,
+        keep=(_default_root() / name,),
+    )
 
 
 def is_part(name: str) -> bool:
@@ -445,7 +520,7 @@ def get_part(name: str, cache_dir: str | Path | None = None) -> Path:
 
     package_dir = _package_dir(part.package)
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{name}.lock"):
+    with file_lock(root / f".{name}.lock"):
         if (target / MARKER).is_file():  # another process finished it while we waited
             return target
         for stale in root.glob(f".{name}.tmp-*"):

@@ -7,7 +7,8 @@
                     the OpenAI-compatible API (serve/openai.py), through the same steps
     GET  /health    {"status", "model", "device", ...}
     GET  /          one static page: choose or drop an image, see it with its caption
-    GET  /docs      the generated OpenAPI docs
+    GET  /docs      the API, described from the OpenAPI schema (a plain page: no CDN, works
+                    offline); GET /openapi.json is the schema itself
 
 Every request is checked and decoded *before* it joins a batch, so an oversized, non-image or
 bomb upload is answered with its own JSON error (413 / 415 / 422) and never touches the
@@ -39,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import html
+import inspect
 import json
 import logging
 import math
@@ -68,7 +71,14 @@ from captioner.data.images import (
     decoded_bytes,
     open_checked,
 )
-from captioner.decoding import BOUNDS, MAX_PROMPT_CHARS, DecodingOptions, option_help
+from captioner.decoding import (
+    BOUNDS,
+    MAX_AFFIX_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_WORDS,
+    DecodingOptions,
+    option_help,
+)
 from captioner.errors import BadImageError, CaptionerError
 from captioner.serve import openai
 from captioner.serve.batcher import Batcher, Caption, QueueFullError
@@ -289,6 +299,8 @@ def create_app(
         summary="Image captioning with dynamic batching.",
         version=__version__,
         lifespan=_lifespan(batcher),
+        docs_url=None,  # FastAPI's Swagger UI and ReDoc load from a CDN: /docs is our own page
+        redoc_url=None,
     )
     pipeline = Pipeline(batcher, settings, budget)
     app.state.batcher = batcher
@@ -299,9 +311,15 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _answer_http_error)
     app.add_exception_handler(Exception, _answer_bug)
     _add_page_route(app)
+    _add_docs_route(app)
     _add_health_route(app, batcher, settings, budget)
     _add_caption_route(app, pipeline)
-    openai.add_routes(app, pipeline, tokenizer=getattr(captioner, "tokenizer", None))
+    openai.add_routes(
+        app,
+        pipeline,
+        tokenizer=getattr(captioner, "tokenizer", None),
+        max_new_tokens=_ran_with(captioner),
+    )
     return app
 
 
@@ -380,8 +398,14 @@ def _model_name(captioner: CaptionsImages) -> str:
 
 
 def _build_batcher(captioner: CaptionsImages, settings: ServerSettings) -> Batcher:
+    # A captioner that can say how many tokens it generated and why it stopped (`details=True`:
+    # `decoding.Generated` captions) is asked to; the OpenAI answers use it.
+    caption = getattr(captioner, "caption", None)  # None: `captioner serve` checking settings
+    details = caption is not None and "details" in inspect.signature(caption).parameters
+    extra = {"details": True} if details else {}
+
     def caption_batch(images: list[Any], decoding: DecodingOptions) -> list[Caption]:
-        return captioner.caption(images, decoding, batch_size=len(images))
+        return captioner.caption(images, decoding, batch_size=len(images), **extra)
 
     return Batcher(
         caption_batch,
@@ -389,6 +413,15 @@ def _build_batcher(captioner: CaptionsImages, settings: ServerSettings) -> Batch
         max_wait_ms=settings.max_wait_ms,
         max_queue=settings.max_queue,
     )
+
+
+def _ran_with(captioner: CaptionsImages) -> Callable[[DecodingOptions], int] | None:
+    """`decoding` -> the max_new_tokens its captions really run with: the engine clamps it to
+    the model's text positions (less the prompt's). None for a captioner that does not say."""
+    resolve = getattr(captioner, "resolve", None)
+    if resolve is None:
+        return None
+    return lambda decoding: resolve(decoding).max_new_tokens
 
 
 def _lifespan(batcher: Batcher) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -406,10 +439,10 @@ def _lifespan(batcher: Batcher) -> Callable[[FastAPI], AbstractAsyncContextManag
 
 
 async def _answer_rejected(request: Request, err: Rejected) -> JSONResponse:
-    return _error_response(err, openai.is_openai_path(request.url.path))
+    return error_response(err, openai.is_openai_path(request.url.path))
 
 
-def _error_response(err: Rejected, openai_shape: bool = False) -> JSONResponse:
+def error_response(err: Rejected, openai_shape: bool = False) -> JSONResponse:
     headers = {}
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
@@ -442,6 +475,68 @@ def _add_page_route(app: FastAPI) -> None:
     async def index() -> HTMLResponse:
         page = resources.files("captioner.serve").joinpath("static/index.html").read_text()
         return HTMLResponse(page)
+
+
+def _add_docs_route(app: FastAPI) -> None:
+    page: list[str] = []
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        if not page:
+            page.append(docs_page(app.openapi()))
+        return HTMLResponse(page[0])
+
+
+def docs_page(schema: dict[str, Any]) -> str:
+    """The API as one plain HTML page, from the OpenAPI schema: each route, its request fields
+    (type, bounds, help) and its answers. Nothing is fetched: it works offline."""
+    e = html.escape
+    out = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{e(schema['info']['title'])} API</title><style>body{{font:15px/1.5 system-ui,"
+        "sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}table{border-collapse:"
+        "collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:left;"
+        "vertical-align:top}code{background:#f3f3f3}</style></head><body>",
+        f"<h1>{e(schema['info']['title'])} {e(str(schema['info'].get('version', '')))}</h1>",
+        f"<p>{e(schema['info'].get('summary') or '')} The machine-readable schema is "
+        "<a href='openapi.json'><code>/openapi.json</code></a>.</p>",
+    ]
+    for path, methods in schema.get("paths", {}).items():
+        for method, op in methods.items():
+            out.append(f"<h2><code>{e(method.upper())} {e(path)}</code></h2>")
+            if op.get("summary") or op.get("description"):
+                out.append(f"<p>{e(op.get('description') or op.get('summary'))}</p>")
+            body = op.get("requestBody", {}).get("content", {})
+            for ctype, content in body.items():
+                props = content.get("schema", {}).get("properties", {})
+                out.append(f"<h3>{e(ctype)}</h3>")
+                if not props:
+                    continue
+                out.append("<table><tr><th>field</th><th>type</th><th>bounds</th><th>help</th>")
+                for name, prop in props.items():
+                    kind = prop.get("type") or ", ".join(
+                        str(a.get("type")) for a in prop.get("anyOf", []) if isinstance(a, dict)
+                    )
+                    bounds = ", ".join(
+                        f"{k} {prop[k]}"
+                        for k in ("minimum", "exclusiveMinimum", "maximum", "maxLength", "maxItems")
+                        if k in prop
+                    )
+                    out.append(
+                        f"<tr><td><code>{e(name)}</code></td><td>{e(str(kind))}</td>"
+                        f"<td>{e(bounds)}</td><td>{e(str(prop.get('description', '')))}</td></tr>"
+                    )
+                out.append("</table>")
+            answers = op.get("responses", {})
+            if answers:
+                out.append("<ul>")
+                out += [
+                    f"<li><b>{e(str(code))}</b> {e(str(a.get('description', '')))}</li>"
+                    for code, a in answers.items()
+                ]
+                out.append("</ul>")
+    out.append("</body></html>")
+    return "\n".join(out)
 
 
 def _add_health_route(
@@ -495,9 +590,10 @@ class Pipeline:
         self.budget = budget
         self.model_name = settings.model_name
         self.max_image_json_bytes = settings.max_image_json_bytes
+        self.max_json_bytes = settings.max_json_bytes
 
     def check_key(self, request: Request) -> None:
-        _check_key(request, self.settings.api_key)
+        check_key(request, self.settings.api_key)
 
     def check_room(self, n: int) -> None:
         _check_room(self.batcher, n)
@@ -540,7 +636,7 @@ class Pipeline:
 # ---- POST /caption, step by step ----
 
 
-def _check_key(request: Request, api_key: str | None) -> None:
+def check_key(request: Request, api_key: str | None) -> None:
     """401 unless the request carries `api_key` (when one is set)."""
     if api_key is None:
         return
@@ -673,7 +769,7 @@ async def _download(
     the server fetches URLs, an http(s) URL (one answer for every failure: 422). `name` is how
     messages call the image (default: the URL, shortened)."""
     max_bytes = settings.max_upload_bytes
-    if url.startswith("data:"):
+    if fetch.is_data_url(url):
         try:
             if len(url) * 3 // 4 <= max_bytes + 3:  # larger ones are refused before decoding
                 hold.take(len(url) * 3 // 4, name or "data: URL", "its bytes")
@@ -800,11 +896,19 @@ async def _caption_all(
 def _answer(
     body: CaptionRequest, captions: list[Caption], model_name: str, latency_ms: float
 ) -> dict[str, Any]:
-    items = [{"caption": text, "model": model_name, "latency_ms": latency_ms} for text in captions]
+    items = [
+        {"caption": _plain(text), "model": model_name, "latency_ms": latency_ms}
+        for text in captions
+    ]
     if not body.as_list:
         return items[0]
     named = zip(body.uploads, items, strict=True)
     return {"results": [{"filename": upload.name, **item} for upload, item in named]}
+
+
+def _plain(caption: Caption) -> Caption:
+    """A caption as plain str (or list of them), whatever str subclass the captioner made."""
+    return [str(c) for c in caption] if isinstance(caption, list) else str(caption)
 
 
 class RequestGuard:
@@ -822,14 +926,14 @@ class RequestGuard:
         self.settings = settings
         self.limit = settings.max_body_bytes
         hosts = settings.allowed_hosts
-        self.hosts = None if hosts is None or "*" in hosts else {_host_name(h) for h in hosts}
+        self.hosts = None if hosts is None or "*" in hosts else {host_name(h) for h in hosts}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.hosts is not None:
-            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            host = host_name(headers.get(b"host", b"").decode("latin-1"))
             if host not in self.hosts:
                 return await self._reply(scope, send, 400, "Host header not allowed by this server")
         length = headers.get(b"content-length")
@@ -879,7 +983,7 @@ class RequestGuard:
         await send({"type": "http.response.body", "body": body})
 
 
-def _host_name(host: str) -> str:
+def host_name(host: str) -> str:
     """`Host` header -> name without the port, lower case (`[::1]:8000` -> `[::1]`)."""
     host = host.strip().lower()
     if host.startswith("["):
@@ -902,6 +1006,12 @@ def _decoding_schema() -> dict[str, Any]:
             prop["maximum"] = high
     if "prompt" in properties:
         properties["prompt"]["maxLength"] = MAX_PROMPT_CHARS
+    for name in ("prefix", "suffix"):
+        if name in properties:
+            properties[name]["maxLength"] = MAX_AFFIX_CHARS
+    for name in ("bad_words", "force_words"):
+        if name in properties:
+            properties[name]["maxItems"] = MAX_WORDS
     return properties
 
 

@@ -37,7 +37,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from captioner.data.fetch import is_data_url
 from captioner.decoding import BOUNDS, DecodingOptions
 from captioner.errors import CaptionerError
 
@@ -55,6 +56,9 @@ PREFIX = "/v1/"
 IGNORED = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls"})
 MAX_STOP = 4
 MAX_MESSAGES = 64
+# What parsing a JSON body may hold beyond its bytes: Python objects per bracket, comma or colon
+# (an empty dict is 64 bytes plus its list slot, for 3 bytes of `{},`).
+PARSED_BYTES_PER_ELEMENT = 80
 # (type, code) of an error answer by status, where the raiser gives no code of its own.
 ERROR_KINDS = {
     400: ("invalid_request_error", None),
@@ -84,6 +88,7 @@ class Pipeline(Protocol):
 
     model_name: str
     max_image_json_bytes: int  # the largest JSON body: one full-size image as a data: URL
+    max_json_bytes: int  # the rest of a JSON body, besides that image
 
     def check_key(self, request: Request) -> None: ...
 
@@ -128,7 +133,7 @@ class ChatRequest:
 
     @property
     def image_name(self) -> str:
-        if self.url.startswith("data:"):
+        if is_data_url(self.url):
             return "image_url"
         return self.url if len(self.url) <= 80 else self.url[:77] + "..."
 
@@ -159,9 +164,16 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status, headers=headers)
 
 
-def add_routes(app: FastAPI, pipeline: Pipeline, tokenizer: Any = None) -> None:
+def add_routes(
+    app: FastAPI,
+    pipeline: Pipeline,
+    tokenizer: Any = None,
+    max_new_tokens: Callable[[DecodingOptions], int] | None = None,
+) -> None:
     """Register the /v1 routes on `app`. `tokenizer` (the model's, when it has one) cuts
-    streamed captions into token pieces and counts usage; without one, words are the pieces."""
+    streamed captions into token pieces and counts usage; without one, words are the pieces.
+    `max_new_tokens(decoding)` is the limit the captions really ran with (the engine clamps
+    it to the model's positions): a caption that reached it finished for "length"."""
     created = int(time.time())
     app.add_exception_handler(OpenAIError, _answer_error)
 
@@ -183,16 +195,23 @@ def add_routes(app: FastAPI, pipeline: Pipeline, tokenizer: Any = None) -> None:
         pipeline.check_room(1)
         with pipeline.hold() as hold:
             raw = await pipeline.read_body(request, pipeline.max_image_json_bytes, hold)
-            chat = parse_chat(raw, pipeline.model_name)
+            # parsed in a worker thread, its memory reserved first: the event loop (and
+            # /health) never waits for a parser
+            chat = await run_in_threadpool(
+                parse_held, raw, pipeline.model_name, hold, pipeline.max_json_bytes
+            )
+            del raw
             data = await pipeline.download(chat.url, chat.image_name, hold)
             images = await pipeline.decode([(chat.image_name, data)], hold)
             [result] = await pipeline.caption(request, images, chat.decoding, [chat.image_name])
         captions = result if isinstance(result, list) else [result]
-        captions = [_cut_at_stop(c, chat.stop) for c in captions]
-        usage = _usage(tokenizer, chat.decoding, captions)
-        answer = _Answer(pipeline.model_name, chat, captions, usage)
+        answer = await run_in_threadpool(
+            _Answer.build, pipeline.model_name, chat, captions, tokenizer, max_new_tokens
+        )
         if chat.stream:
-            pieces = await run_in_threadpool(lambda: [token_pieces(c, tokenizer) for c in captions])
+            pieces = await run_in_threadpool(
+                lambda: [token_pieces(c, tokenizer) for c in answer.captions]
+            )
             return StreamingResponse(
                 answer.events(pieces),
                 media_type="text/event-stream",
@@ -202,6 +221,24 @@ def add_routes(app: FastAPI, pipeline: Pipeline, tokenizer: Any = None) -> None:
 
 
 # ---- the request ----
+
+
+def parse_held(raw: bytes, model_name: str, hold: Hold, max_elements: int) -> ChatRequest:
+    """`parse_chat`, after reserving in `hold` what parsing holds beyond the bytes and the text
+    `read_body` reserved: the parsed values (at most the body again, the image's data: URL
+    above all) and `PARSED_BYTES_PER_ELEMENT` per bracket, comma and colon (a 13 MB
+    `[{},{},...]` body would become 300 MB of objects). A body whose structure is larger than
+    `max_elements` (the JSON beside the one image: base64 has no brackets, commas or colons) is
+    refused unparsed (413)."""
+    elements = sum(raw.count(c) for c in (b"{", b"[", b",", b":"))
+    if elements > max_elements:
+        raise OpenAIError(
+            413,
+            f"JSON body with {elements:,} brackets, commas and colons: at most {max_elements:,} "
+            "beside the image",
+        )
+    hold.take(len(raw) + PARSED_BYTES_PER_ELEMENT * elements, "request", "parsing its JSON")
+    return parse_chat(raw, model_name)
 
 
 def parse_chat(raw: bytes, model_name: str) -> ChatRequest:
@@ -329,7 +366,7 @@ def _parts(content: list, where: str) -> tuple[list[str], list[str]]:
 
 def _check_url(url: str) -> str:
     """data: URLs must say they hold an image; http(s) URLs go to the server's URL policy."""
-    if url.startswith("data:"):
+    if is_data_url(url):
         media = url[5:].split(",", 1)[0].split(";", 1)[0].strip().lower()
         if not media.startswith("image/"):
             raise OpenAIError(
@@ -344,13 +381,25 @@ def _check_url(url: str) -> str:
 
 def _decoding(body: dict, prompt: str | None) -> DecodingOptions:
     """OpenAI's sampling fields -> DecodingOptions, each checked under its own name."""
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _optional(body, name, int, None)
+    max_tokens = None
+    for name in ("max_tokens", "max_completion_tokens"):  # both checked, neither ignored
+        value = _optional(body, name, int, None)
+        _in_range(name, value, 1, BOUNDS["max_new_tokens"][1])
+        if value is not None and max_tokens is not None and value != max_tokens:
+            raise OpenAIError(
+                400, f"max_tokens ({max_tokens}) and {name} ({value}) disagree: send one", name
+            )
+        max_tokens = value if value is not None else max_tokens
     temperature = _optional(body, "temperature", float, None)
     top_p = _optional(body, "top_p", float, None)
     n = _optional(body, "n", int, 1)
-    _in_range(name, max_tokens, 1, BOUNDS["max_new_tokens"][1])
-    _in_range("temperature", temperature, 0, BOUNDS["temperature"][1])
+    low, high, _ = BOUNDS["temperature"]
+    if temperature is not None and temperature != 0 and not low <= temperature <= high:
+        raise OpenAIError(
+            400,
+            f"temperature must be 0 (greedy) or >= {low:g} and <= {high:g}, got {temperature}",
+            "temperature",
+        )
     _in_range("top_p", top_p, 0, 1, open_low=True)
     _in_range("n", n, 1, min(BOUNDS["num_return_sequences"][1], BOUNDS["num_beams"][1]))
     options: dict[str, Any] = {"prompt": prompt}
@@ -414,6 +463,8 @@ def token_pieces(text: str, tokenizer: Any = None) -> list[str]:
 
 
 def _count(tokenizer: Any, text: str | None) -> int:
+    """Tokens in `text` by re-tokenizing it (captions that do not carry their own count; the
+    prompt is part of the caption for GIT, BLIP and VED, so the caller subtracts it)."""
     if not text:
         return 0
     if tokenizer is None:
@@ -421,34 +472,73 @@ def _count(tokenizer: Any, text: str | None) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _usage(tokenizer: Any, decoding: DecodingOptions, captions: list[str]) -> dict[str, Any]:
-    """Token counts, by re-tokenizing the answer (the generated ids are not kept); the prompt
-    is part of the caption for these families, so its tokens are not counted as completion."""
-    prompt = _count(tokenizer, decoding.prompt)
-    completion = [max(0, _count(tokenizer, c) - prompt) for c in captions]
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": sum(completion),
-        "total_tokens": prompt + sum(completion),
-        "per_choice": completion,
-    }
+def _limit(decoding: DecodingOptions, max_new_tokens: Callable | None) -> int:
+    """The max_new_tokens the captions ran with: the engine's, after clamping."""
+    if max_new_tokens is None:
+        return decoding.max_new_tokens
+    try:
+        return min(decoding.max_new_tokens, int(max_new_tokens(decoding)))
+    except CaptionerError:
+        return decoding.max_new_tokens
 
 
 class _Answer:
     """One request's captions as a chat.completion, or as chunks."""
 
     def __init__(
-        self, model: str, chat: ChatRequest, captions: list[str], usage: dict[str, Any]
+        self,
+        model: str,
+        chat: ChatRequest,
+        captions: list[str],
+        tokens: list[int],
+        reasons: list[str],
+        prompt_tokens: int,
     ) -> None:
         self.model, self.chat, self.captions = model, chat, captions
-        self.per_choice = usage.pop("per_choice")
-        self.usage = usage
+        self.reasons = reasons
+        self.usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": sum(tokens),
+            "total_tokens": prompt_tokens + sum(tokens),
+        }
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
+    @classmethod
+    def build(
+        cls,
+        model: str,
+        chat: ChatRequest,
+        captions: list[str],
+        tokenizer: Any = None,
+        max_new_tokens: Callable[[DecodingOptions], int] | None = None,
+    ) -> _Answer:
+        """The captions cut at `stop`, with their token counts and finish reasons (run in a
+        worker thread: it may tokenize)."""
+        prompt = _count(tokenizer, chat.decoding.prompt)
+        texts, tokens, reasons = [], [], []
+        limit: int | None = None
+        for caption in captions:
+            text = _cut_at_stop(caption, chat.stop)
+            counted = getattr(caption, "tokens", None)
+            reason = getattr(caption, "finish_reason", None)
+            if text != caption:  # cut at a stop string: a stop, whatever the model did
+                counted, reason = max(0, _count(tokenizer, text) - prompt), "stop"
+            elif counted is None or reason is None:
+                # a producer that does not count (the engine today): the caption re-tokenized,
+                # against the limit it really ran with
+                counted = max(0, _count(tokenizer, text) - prompt)
+                if limit is None and counted < chat.decoding.max_new_tokens:
+                    limit = _limit(chat.decoding, max_new_tokens)
+                ran_with = chat.decoding.max_new_tokens if limit is None else limit
+                reason = "length" if counted >= ran_with else "stop"
+            texts.append(str(text))
+            tokens.append(counted)
+            reasons.append(reason)
+        return cls(model, chat, texts, tokens, reasons, prompt)
+
     def finish_reason(self, i: int) -> str:
-        # from the re-tokenized length: a caption as long as max_tokens was most likely cut
-        return "length" if self.per_choice[i] >= self.chat.decoding.max_new_tokens else "stop"
+        return self.reasons[i]
 
     def completion(self) -> dict[str, Any]:
         choices = [

@@ -9,6 +9,12 @@ The body says what a reader needs to trust and use the model: what it started fr
 and how much, the options that differ from the defaults, the metrics, eight generated captions
 beside their references, the training curves, and how to load it with plain transformers (the
 family's own class; peft for an adapter) and with captioner.
+
+Every value inserted is escaped for where it goes (names, paths and captions can hold anything:
+a folder named with a newline and `---` must not end the front matter or start a section):
+markdown text is one line with its markup characters backslash-escaped, code spans are fenced
+with more backticks than they hold, Python strings are `repr()`-quoted and shell words
+`shlex`-quoted.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,11 @@ CARD_METRICS = {
 # Option names that may hold credentials: never written into a card that gets published.
 _SECRET = re.compile(r"token|password|secret|api_key", re.IGNORECASE)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Characters that mean something inline in (GitHub / Hub) markdown, math included.
+_MARKUP = re.compile(r"([\\`*_\[\]<>|~!&#$])")
+# What the families' usage snippets are given as the model's name, replaced by its Python
+# literal afterwards (they write it as "{ref}" today; {ref!r} works the same).
+_REF = "CAPTIONER_MODEL_REF"
 
 TEMPLATE = """---
 {{ card_data }}
@@ -59,7 +71,7 @@ An image-captioning model ({{ family_label }}) {{ origin }} with captioner.
 
 - Started from: {{ base }}
 - Loads with: `{{ model_class }}` + `AutoProcessor`{{ adapter_note }}
-{% if prompt %}- Trained with the caption prompt `{{ prompt }}` (captioner uses it by default)
+{% if prompt %}- Trained with the caption prompt {{ prompt }} (captioner uses it by default)
 {% endif %}
 ## Data
 
@@ -75,7 +87,7 @@ Source: {{ data }}
 
 | option | value |
 |---|---|
-{% for name, value in options %}| `{{ name }}` | {{ value }} |
+{% for name, value in options %}| {{ name }} | {{ value }} |
 {% endfor %}{% else %}All options at their defaults.
 {% endif %}
 ## Evaluation
@@ -108,15 +120,15 @@ With plain transformers:
 With captioner:
 
 ```bash
-captioner caption {{ model_ref }} photo.jpg folder/
-captioner eval {{ model_ref }} DATASET --output_dir eval/
-captioner serve {{ model_ref }}
+captioner caption {{ model_ref_sh }} photo.jpg folder/
+captioner eval {{ model_ref_sh }} DATASET --output_dir eval/
+captioner serve {{ model_ref_sh }}
 ```
 
 ```python
 from captioner import Captioner
 
-captioner = Captioner.from_pretrained("{{ model_ref }}")
+captioner = Captioner.from_pretrained({{ model_ref_py }})
 print(captioner.caption(["photo.jpg"]))
 ```
 """
@@ -160,7 +172,7 @@ def write_model_card(
     if hub_base is None and _is_hub_id(base_model):
         hub_base = base_model
     card_data = ModelCardData(
-        model_name=Path(model_ref).name or "captioner-model",
+        model_name=_one_line(Path(model_ref).name) or "captioner-model",  # YAML: one line
         pipeline_tag="image-to-text",
         library_name="peft" if adapter is not None else "transformers",
         base_model=hub_base,
@@ -171,7 +183,7 @@ def write_model_card(
                 task_type="image-to-text",
                 task_name="Image captioning",
                 dataset_type=data if _is_hub_id(data) else "imagefolder",
-                dataset_name=_display_name(data),
+                dataset_name=_one_line(_display_name(data)),
                 dataset_split="test",
                 metric_type=CARD_METRICS[key][1],
                 metric_name=CARD_METRICS[key][0],
@@ -185,27 +197,28 @@ def write_model_card(
     card = ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
-        title=Path(model_ref).name or "captioning model",
+        title=_text(Path(model_ref).name or "captioning model"),
         family_label=family or "unknown family",
         origin=_origin(base_model),
         base=_describe_base(base_model, adapter),
         model_class=model_class,
         adapter_note=" (a LoRA adapter: needs `peft`)" if adapter is not None else "",
-        prompt=_cell(prompt) if prompt else None,
+        prompt=_code(prompt) if prompt else None,
         data=_describe_data(data),
-        sizes=[(_cell(name), f"{int(n):,}") for name, n in sizes.items()],
+        sizes=[(_text(name), f"{int(n):,}") for name, n in sizes.items()],
         options=[
-            (name, _cell(_format_option(value)))
+            (_code(name, cell=True), _text(_format_option(value)))
             for name, value in sorted(options_changed.items())
             if not _SECRET.search(name)
         ],
         metrics=[(CARD_METRICS[key][0], f"{value:.4f}") for key, value in shown],
         samples=[
-            (_cell(caption) or "*(empty)*", _cell(" / ".join(refs)))
+            (_text(caption) or "*(empty)*", _text(" / ".join(refs)))
             for caption, refs in list(samples)[:NUM_SAMPLES]
         ],
         curves=curves,
-        model_ref=model_ref,
+        model_ref_sh=_shell_word(model_ref),
+        model_ref_py=_python_str(model_ref),
         transformers_code=_transformers_code(family_obj, model_class, model_ref, adapter, prompt),
     )
     path = out / CARD_NAME
@@ -217,7 +230,8 @@ def write_model_card(
 def _transformers_code(
     family, model_class: str, ref: str, adapter: str | None, prompt: str | None
 ) -> str:
-    """The card's snippet: plain transformers (+ peft for an adapter), the family's recipe."""
+    """The card's snippet: plain transformers (+ peft for an adapter), the family's recipe.
+    Every name in it is a Python literal (`_python_str`), whatever the family writes."""
     imports = [
         "from PIL import Image",
         f"from transformers import AutoProcessor, {model_class}",
@@ -225,17 +239,19 @@ def _transformers_code(
     ]
     if family is None:
         run = (
-            f'model = {model_class}.from_pretrained("{ref}")\n'
-            f'processor = AutoProcessor.from_pretrained("{ref}")'
+            f'model = {model_class}.from_pretrained("{_REF}")\n'
+            f'processor = AutoProcessor.from_pretrained("{_REF}")'
         )
     else:
-        run = family.usage_snippet(model_class, ref, prompt)
+        run = family.usage_snippet(model_class, _REF, prompt)
+    run = run.replace(repr(_REF), f'"{_REF}"')  # one spelling, whichever the family used
     if adapter is not None:
         run = run.replace(
-            f'model = {model_class}.from_pretrained("{ref}")',
-            f'base = {model_class}.from_pretrained("{adapter}")\n'
-            f'model = PeftModel.from_pretrained(base, "{ref}").merge_and_unload()',
+            f'model = {model_class}.from_pretrained("{_REF}")',
+            f"base = {model_class}.from_pretrained({_python_str(adapter)})\n"
+            f'model = PeftModel.from_pretrained(base, "{_REF}").merge_and_unload()',
         )
+    run = run.replace(f'"{_REF}"', _python_str(ref))
     return "\n".join([*imports, "", run])
 
 
@@ -274,20 +290,20 @@ def _describe_base(base_model: str, adapter: str | None) -> str:
     if is_preset(base_model):
         text = f"the captioner preset `{base_model}`, built for this run from the training captions"
     elif needs_build(base_model):
-        text = f"the composition `{base_model}` (a vision tower and a text decoder)"
-    elif _is_hub_id(base_model):
+        text = f"the composition {_code(base_model)} (a vision tower and a text decoder)"
+    elif _is_hub_id(base_model):  # [\w.-] only: nothing to escape
         text = f"[{base_model}](https://huggingface.co/{base_model})"
     else:
-        text = f"`{base_model}`"
+        text = _code(base_model)
     if adapter is not None:
-        text += f"; the LoRA adapter applies to `{adapter}`"
+        text += f"; the LoRA adapter applies to {_code(adapter)}"
     return text
 
 
 def _describe_data(data: str) -> str:
     if _is_hub_id(data):
         return f"[{data}](https://huggingface.co/datasets/{data})"
-    return f"`{_display_name(data)}` (a local dataset)"
+    return f"{_code(_display_name(data))} (a local dataset)"
 
 
 def _display_name(data: str) -> str:
@@ -308,6 +324,47 @@ def _format_option(value: Any) -> str:
     return str(value)
 
 
-def _cell(text: str) -> str:
-    """Text that stays inside one markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _text(text: Any) -> str:
+    """Markdown text that reads as written: one line, its markup characters escaped (so it
+    also stays inside a table cell)."""
+    return _MARKUP.sub(r"\\\1", _one_line(text))
+
+
+def _code(text: Any, *, cell: bool = False) -> str:
+    """A one-line code span, fenced with more backticks than the text holds (`cell`: inside a
+    table, where a pipe must still be escaped)."""
+    text = _one_line(text)
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    if text.startswith("`") or text.endswith("`"):
+        text = f" {text} "
+    if cell:
+        text = text.replace("|", "\\|")
+    return f"{fence}{text}{fence}"
+
+
+def _python_str(text: str) -> str:
+    """A Python string literal of `text`: repr(), double-quoted when that needs no escape."""
+    literal = repr(text)
+    if literal.startswith("'") and '"' not in text and "'" not in text:
+        literal = f'"{literal[1:-1]}"'
+    return literal
+
+
+def _shell_word(text: str) -> str:
+    """`text` as one shell word; characters a shell line cannot hold as typed (newlines,
+    control characters) in bash's $'...' quoting, so the code block stays one line."""
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + "".join(map(_ansi_c, text)) + "'"
+
+
+def _ansi_c(char: str) -> str:
+    """One character inside bash's $'...'."""
+    if char.isprintable() and char not in "\\'":
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 256 else f"\\U{code:08x}"

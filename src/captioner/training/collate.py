@@ -108,12 +108,10 @@ class CaptionCollator:
         if not kept:
             raise CaptionerError("every image in a batch failed to load (see the warnings above)")
         captions = [captions[i] for i in kept]
+        # the pixels' (height, width): LLaVA's prompt ids depend on it (features have no pixels)
+        image_size = self.features.pixel_size if self.features else tuple(visual.shape[-2:])
         text = self.family.text_inputs(
-            self.processor,
-            captions,
-            self.prompt,
-            self.max_length,
-            tuple(visual.shape[-2:]),
+            self.processor, captions, self.prompt, self.max_length, image_size
         )
         if self.features:
             return {**self.family.cached_inputs(visual), **text}

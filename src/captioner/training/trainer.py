@@ -161,8 +161,9 @@ def train(
 def _frozen_features(
     model_args: ModelArguments, model, processor, splits, fill: bool = True
 ) -> FeatureCache | None:
-    """Freeze the vision tower when asked (by default for composed models) and, for an
-    encoder-decoder, fill the feature cache with every training and eval image."""
+    """Freeze the vision tower when asked (by default for composed models) and, for a family
+    that takes cached vision features (VisionEncoderDecoder, LLaVA), fill the feature cache with
+    every training and eval image."""
     setting = model_args.freeze or ("vision" if is_composition(model_args.model) else "none")
     if setting not in ("vision", "none"):
         raise CaptionerError(f"--freeze must be vision or none, not {setting!r}")
@@ -177,9 +178,11 @@ def _frozen_features(
     if root == "auto":
         root = Path(os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner")
         root = root / "features"
+    # What the cache stores: the tower's output (VED) or what LLaVA's projector reads.
+    feature_encoder = family.feature_encoder
     cache = FeatureCache(
         root,
-        tower,
+        feature_encoder(model),
         processor.image_processor,
         max_bytes=int(model_args.feature_cache_max_gb * 2**30),
     )
@@ -188,6 +191,7 @@ def _frozen_features(
     log.info(
         "feature cache %s: %d computed, %d reused", cache.dir, computed, len(images) - computed
     )
+    family.use_cached_features(model)  # LLaVA: the projector runs on the cached features
     return cache
 
 

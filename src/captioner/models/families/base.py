@@ -106,6 +106,14 @@ class Family:
                 return module
         return None
 
+    def feature_encoder(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """What the feature cache runs once per image (its output's last_hidden_state is
+        stored); the vision tower unless the family says otherwise."""
+        return self.vision_tower(model)
+
+    def use_cached_features(self, model: torch.nn.Module) -> None:
+        """Make `model` accept `cached_inputs(...)` in its forward (most already do)."""
+
     def vision_prefixes(self) -> tuple[str, ...]:
         """Parameter-name prefixes of the vision tower (LoRA leaves it alone unless asked)."""
         return tuple(f"{p}." for p in self.vision_tower_paths)
@@ -182,21 +190,28 @@ class Family:
             inputs = self.processor_inputs(processor, images, [text] * len(images))
         return inputs, inputs["input_ids"].shape[1]
 
-    def decode(
-        self, processor, ids: torch.Tensor, inputs: dict[str, Any], prompt_tokens: int,
-        keep_prompt: bool = True,
-    ) -> list[str]:  # fmt: skip
-        """Generated ids -> caption texts. A decoder-only model returns its prompt first: it is
-        cut off when the output starts with the input ids (some generate()s return new tokens
-        only)."""
+    def generated_ids(
+        self, ids: torch.Tensor, inputs: dict[str, Any], prompt_tokens: int
+    ) -> torch.Tensor:
+        """What the model wrote. A decoder-only model returns its prompt first: it is cut off
+        when the output starts with the input ids (some generate()s return new tokens only, an
+        encoder-decoder returns its decoder's tokens)."""
         prompt_ids = inputs.get("input_ids")
         if (
             prompt_ids is not None
             and ids.shape[1] >= prompt_ids.shape[1]
             and torch.equal(ids[:, : prompt_ids.shape[1]].cpu(), prompt_ids.cpu())
         ):
-            ids = ids[:, prompt_ids.shape[1] :]
-        return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            return ids[:, prompt_ids.shape[1] :]
+        return ids
+
+    def decode(
+        self, processor, ids: torch.Tensor, inputs: dict[str, Any], prompt_tokens: int,
+        keep_prompt: bool = True,
+    ) -> list[str]:  # fmt: skip
+        """Generated ids -> caption texts (the prompt is an instruction: never part of them)."""
+        new = self.generated_ids(ids, inputs, prompt_tokens)
+        return processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     # ---- the model card ----
 
@@ -301,6 +316,9 @@ class PixelFamily(Family):
             processor, model_config, prompt, len(pixels), tuple(pixels.shape[-2:])
         )
         return {"pixel_values": pixels, **inputs}, shown
+
+    def generated_ids(self, ids, inputs, prompt_tokens: int) -> torch.Tensor:
+        return ids[:, prompt_tokens:]
 
     def decode(
         self, processor, ids: torch.Tensor, inputs: dict[str, Any], prompt_tokens: int,

@@ -43,8 +43,8 @@ class Florence2Family(Family):
         text = self.prompt_text(processor, prompt)
         return self.processor_inputs(processor, images, [text] * len(images)), 0
 
-    def decode(self, processor, ids, inputs, prompt_tokens, keep_prompt=True) -> list[str]:
-        return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    def generated_ids(self, ids, inputs, prompt_tokens: int):
+        return ids  # the decoder's own tokens: the task token went to the encoder
 
     def vision_tower(self, model: torch.nn.Module):
         found = super().vision_tower(model)

@@ -2,7 +2,8 @@
 slices them off the logits and shifts the labels itself, so labels are the input ids with pads
 (and a prompt) masked. A prompt is the start of the caption: `[CLS] + prompt`, as GIT's docs.
 
-The from-scratch presets (`tiny`, `small`) are GIT configs plus a caption-trained tokenizer:
+The from-scratch presets (`tiny`, `small`) are GIT configs plus a caption-trained, lossless
+byte-level BPE tokenizer (models/tokenizer.py; `[CLS]`/`[SEP]` start and end a caption):
 `build` makes one."""
 
 from __future__ import annotations
