@@ -137,6 +137,8 @@ def test_training_arguments_defaults_and_cpu_rules(tmp_path, caplog):
     if not torch.cuda.is_available():
         *_, args = args_for("tiny", "d", tmp_path, "--fp16")
         assert not args.fp16 and "fp16 needs a CUDA GPU" in caplog.text
+        *_, args = args_for("tiny", "d", tmp_path, "--bf16")  # CPU autocast, no --use_cpu needed
+        assert args.bf16 and args.use_cpu
 
 
 # --- bad inputs fail at once, with one clear line -----------------------------------------
