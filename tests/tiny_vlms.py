@@ -7,7 +7,9 @@ handful of captions. Tokenizers are byte-level BPE trained on the captions, so d
 
 Two families' processors (SmolVLM, Qwen2-VL / Qwen2.5-VL) take a video processor that imports
 torchvision, which has no CPU build here: they are built and loaded image-only (`load_processor`).
-This module imports only transformers, tokenizers, torch and PIL, never `captioner`.
+This module imports only transformers, tokenizers, torch and PIL, never `captioner`: the merged
+models are reloaded by it in a process that must not import captioner, so `image_only` and
+`load_processor` repeat what `captioner.models.families.processors` does, on purpose.
 """
 
 from __future__ import annotations

@@ -304,8 +304,6 @@ class Captioner:
                      ", ".join(sorted(unspellable)[:10]))  # fmt: skip
         return [list(ids) for ids in sorted(out)]
 
-    # ---- internals ----
-
     def resolve(self, decoding: DecodingOptions | None = None, **options: Any) -> DecodingOptions:
         """The options this model runs with: the saved prompt unless one is given, and a caption
         no longer than the model's positions allow (max_new_tokens clamped, min_new_tokens with
@@ -335,6 +333,8 @@ class Captioner:
         BERT decoders have a fixed number; the start token and a prompt token need room)."""
         return self.family.max_new_tokens_limit(self.model.config)
 
+    # ---- internals ----
+
     def _generate_kwargs(self, decoding: DecodingOptions) -> dict[str, Any]:
         kwargs = {**self.family.generate_kwargs(self.processor, self.model)}
         kwargs.update(decoding.generate_kwargs())
@@ -360,8 +360,8 @@ class Captioner:
         if not details:
             return texts
         new = self.family.generated_ids(ids, inputs, prompt_tokens).tolist()
-        ends = self._end_ids(gen_kwargs)
-        return [Generated(text, *_count(row, ends, self._start_ids())) for text, row in
+        ends, starts = self._end_ids(gen_kwargs), self._start_ids()
+        return [Generated(text, *_count(row, ends, starts)) for text, row in
                 zip(texts, new, strict=True)]  # fmt: skip
 
     def _end_ids(self, gen_kwargs: dict) -> set[int]:

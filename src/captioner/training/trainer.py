@@ -179,10 +179,9 @@ def _frozen_features(
         root = Path(os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner")
         root = root / "features"
     # What the cache stores: the tower's output (VED) or what LLaVA's projector reads.
-    feature_encoder = family.feature_encoder
     cache = FeatureCache(
         root,
-        feature_encoder(model),
+        family.feature_encoder(model),
         processor.image_processor,
         max_bytes=int(model_args.feature_cache_max_gb * 2**30),
     )

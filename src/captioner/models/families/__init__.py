@@ -12,6 +12,8 @@ architecture.md, "A model family"), a line in `FAMILIES`, and a tiny model in
 
 from __future__ import annotations
 
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
 from captioner.errors import CaptionerError
 from captioner.models.families.base import Family, PixelFamily
 from captioner.models.families.blip import BlipFamily
@@ -53,7 +55,7 @@ def family_for(config) -> Family:
     model_type = config.get("model_type") if isinstance(config, dict) else config.model_type
     if model_type in _BY_TYPE:
         return _BY_TYPE[model_type]
-    if model_type in _image_text_to_text_types():
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return CHAT
     raise CaptionerError(
         f"model type '{model_type}' is not supported: captioner takes GIT, BLIP, "
@@ -65,9 +67,3 @@ def family_for(config) -> Family:
 def family_of(model) -> Family:
     """The family of a loaded model (or an ONNX export's stand-in: anything with a config)."""
     return family_for(model.config)
-
-
-def _image_text_to_text_types() -> set[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    return set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)

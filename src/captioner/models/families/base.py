@@ -28,8 +28,10 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
+import transformers
 
 from captioner.errors import CaptionerError
+from captioner.models.families.processors import load_processor
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +83,12 @@ class Family:
 
     def load_model(self, name: str, **kwargs: Any):
         """The model through its transformers class (safetensors only)."""
-        import transformers
-
         cls = getattr(transformers, self.model_class)
         return cls.from_pretrained(name, use_safetensors=True, **kwargs)
 
     def load_processor(self, name: str, **kwargs: Any):
         """The processor; chat families whose processor also builds a video processor (which
         needs torchvision) are assembled from their image processor and tokenizer instead."""
-        from captioner.models.families.processors import load_processor
-
         return load_processor(name, **kwargs)
 
     # ---- questions about a loaded model ----
@@ -167,12 +165,12 @@ class Family:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = ids.masked_fill(mask == 0, -100)
         prompt_lengths = prompt_batch["attention_mask"].sum(1)
-        ends = end_token_ids(processor)
+        is_end = torch.isin(ids, torch.tensor(sorted(end_token_ids(processor))))
         for row, start in enumerate(prompt_lengths.tolist()):
             labels[row, :start] = -100
-            done = [i for i in range(start, ids.shape[1]) if int(ids[row, i]) in ends]
-            if done:  # the end token carries loss; what the template adds after it does not
-                labels[row, done[0] + 1 :] = -100
+            done = is_end[row, start:].nonzero()
+            if len(done):  # the end token carries loss; what the template adds after it does not
+                labels[row, start + int(done[0]) + 1 :] = -100
         batch["labels"] = labels
         return batch
 
@@ -217,7 +215,7 @@ class Family:
 
     def usage_snippet(self, model_class: str, ref: str, prompt: str | None) -> str:
         """How plain transformers captions an image with this model (the card's snippet)."""
-        text = repr(self.prompt_text_hint(prompt))
+        text = repr(self.prompt(prompt) or "")
         return "\n".join(
             [
                 f'model = {model_class}.from_pretrained("{ref}")',
@@ -229,9 +227,6 @@ class Family:
                 "print(processor.batch_decode(ids, skip_special_tokens=True)[0].strip())",
             ]
         )
-
-    def prompt_text_hint(self, prompt: str | None) -> str:
-        return self.prompt(prompt) or ""
 
     def describe(self) -> dict[str, Any]:
         """The row of `captioner models`."""
@@ -250,8 +245,11 @@ def end_token_ids(processor) -> set[int]:
     tokenizer = processor.tokenizer
     ends = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for token in ("<end_of_utterance>", "<|im_end|>", "<end_of_turn>", "<|eot_id|>", "</s>"):
-        if token in tokenizer.get_vocab():
-            ends.add(tokenizer.convert_tokens_to_ids(token))
+        # A token the vocabulary lacks converts to the unknown token (or None); no get_vocab():
+        # it copies the whole vocabulary, and this runs for every training batch.
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found is not None and (found != tokenizer.unk_token_id or token == tokenizer.unk_token):
+            ends.add(found)
     return ends
 
 
@@ -326,7 +324,7 @@ class PixelFamily(Family):
     ) -> list[str]:  # fmt: skip
         # A prompt that starts the caption stays in it unless the user drops it.
         if not (self.prompt_in_caption and keep_prompt):
-            ids = ids[:, prompt_tokens:]
+            ids = self.generated_ids(ids, inputs, prompt_tokens)
         return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def max_new_tokens_limit(self, config) -> int | None:

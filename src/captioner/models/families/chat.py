@@ -59,9 +59,6 @@ class ChatFamily(Family):
         ends |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return {"eos_token_id": sorted(ends)}
 
-    def prompt_text_hint(self, prompt: str | None) -> str:
-        return "PROMPT"
-
     def usage_snippet(self, model_class: str, ref: str, prompt: str | None) -> str:
         text = prompt or self.default_prompt
         return "\n".join(

@@ -35,6 +35,3 @@ class PaliGemmaFamily(Family):
 
     def processor_inputs(self, processor, images: list, texts: list[str]) -> dict[str, Any]:
         return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
-
-    def usage_snippet(self, model_class: str, ref: str, prompt: str | None) -> str:
-        return super().usage_snippet(model_class, ref, prompt or self.default_prompt)

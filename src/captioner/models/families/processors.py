@@ -17,6 +17,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import transformers
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
+from transformers.utils import is_torchvision_available
+
 from captioner.errors import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -28,9 +34,6 @@ _NOT_SETTINGS = ("processor_class", "auto_map", "image_processor", "video_proces
 def load_processor(name: str, **kwargs: Any):
     """`AutoProcessor.from_pretrained(name)`, or the image-only build where video needs
     torchvision and torchvision is missing."""
-    from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
-
     try:
         return AutoProcessor.from_pretrained(name, **kwargs)
     except (ImportError, OSError, AttributeError, TypeError) as err:
@@ -55,8 +58,6 @@ def load_processor(name: str, **kwargs: Any):
 def image_only(processor_class: type) -> type:
     """`processor_class` without its video processor, under the same name. SmolVLM's
     `apply_chat_template` override only reads video sampling defaults, so the base one is used."""
-    from transformers import ProcessorMixin
-
     signature = inspect.signature(processor_class.__init__)
     if "video_processor" not in signature.parameters:
         return processor_class
@@ -89,8 +90,6 @@ def _wants_video(name: str) -> bool:
 
 
 def _image_only_processor(name: str, **kwargs: Any):
-    from transformers import AutoImageProcessor, AutoTokenizer
-
     config = _saved_json(name, "processor_config.json") or {}
     settings = {k: v for k, v in config.items() if k not in _NOT_SETTINGS}
     template = _saved_file(name, "chat_template.jinja")
@@ -107,8 +106,6 @@ def _image_only_processor(name: str, **kwargs: Any):
 
 
 def _processor_class(class_name: str | None):
-    import transformers
-
     return getattr(transformers, class_name, None) if class_name else None
 
 
@@ -122,8 +119,6 @@ def _saved_file(name: str, filename: str) -> Path | None:
     if Path(name).is_dir():
         path = Path(name) / filename
         return path if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
 
     try:
         return Path(hf_hub_download(name, filename))
