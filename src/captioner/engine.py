@@ -40,6 +40,7 @@ from captioner.models import precision
 from captioner.models.build import load_model, training_options
 from captioner.models.export import is_onnx_dir, load_onnx
 from captioner.models.families import Family, family_of
+from captioner.options import LoadOptions
 
 log = logging.getLogger(__name__)
 
@@ -133,25 +134,26 @@ class Captioner:
     def from_pretrained(
         cls,
         name_or_path: str | os.PathLike,
-        *,
-        device: str | torch.device | None = None,
-        trust_remote_code: bool = False,
-        dtype: str = "float32",
-        int8: bool = False,
+        load: LoadOptions | None = None,
+        **options: Any,
     ) -> Captioner:
         """A model folder, Hub id, LoRA adapter folder or ONNX export, ready to caption.
-        `dtype="bfloat16"` and `int8=True` (dynamic int8 linear layers, CPU) trade exactness for
-        speed: see precision.py and bench/RESULTS.md for how often captions change."""
+
+        `load` holds the load options (device, dtype, int8, trust_remote_code); any of its
+        fields may also be given as a keyword, which overrides it. `dtype="bfloat16"` and
+        `int8=True` (dynamic int8 linear layers, CPU) trade exactness for speed: see
+        precision.py and bench/RESULTS.md for how often captions change."""
+        load = (load or LoadOptions()).replace(**options)
         if is_onnx_dir(name_or_path):  # an export (captioner export): runs on onnxruntime
-            if dtype != "float32" or int8:
+            if load.dtype != "float32" or load.int8:
                 raise CaptionerError(
                     "an ONNX export runs as exported: export it with --int8 instead"
                 )
             captioner = cls(*load_onnx(name_or_path), device="cpu")
         else:
-            model, processor = load_model(name_or_path, trust_remote_code=trust_remote_code)
-            model = precision.prepare(model, dtype, int8)
-            captioner = cls(model, processor, device="cpu" if int8 else device)
+            model, processor = load_model(name_or_path, trust_remote_code=load.trust_remote_code)
+            model = precision.prepare(model, load.dtype, load.int8)
+            captioner = cls(model, processor, device="cpu" if load.int8 else load.device)
         captioner.default_prompt = training_options(name_or_path).get("prompt")
         return captioner
 

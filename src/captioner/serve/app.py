@@ -44,7 +44,6 @@ import html
 import inspect
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -65,7 +64,6 @@ from captioner import __version__
 from captioner.data import fetch
 from captioner.data.images import (
     ALLOWED_FORMATS,
-    DEFAULT_MAX_PIXELS,
     NotAnImageError,
     decode_rgb,
     decoded_bytes,
@@ -82,21 +80,15 @@ from captioner.decoding import (
 from captioner.errors import BadImageError, CaptionerError
 from captioner.serve import openai
 from captioner.serve.batcher import Batcher, Caption, QueueFullError
+from captioner.serve.settings import (
+    ServerSettings,
+)
 
 log = logging.getLogger(__name__)
 
 FILE_FIELDS = ("file", "files")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 MAX_FORM_FIELDS = 32
-FORM_OVERHEAD_BYTES = 64 * 1024  # room for the form's own bytes beside max_files full uploads
-# A JSON body is a URL and a few options; a larger one is refused before it is parsed (parsing
-# a 150 MB `[{},{},...]` body took 4 GB). A data: URL larger than this must be an upload.
-MAX_JSON_BYTES = 64 * 1024
-# Pixels decoded and bytes uploaded, held at once by all requests together: what bounds the
-# server's memory (16 solid 5000x5000 PNGs are 1.3 MB on the wire and 1.2 GB decoded).
-DEFAULT_MAX_DECODED_BYTES = 1024**3
-BODY_TIMEOUT_S = 60.0  # the whole request body, first byte to last
-IDLE_TIMEOUT_S = 15.0  # the longest pause between two chunks of a body
 MAX_DETAIL_CHARS = 500
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
@@ -180,56 +172,6 @@ class Hold:
             self.held += n
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """The server's limits and identity; checked on creation, so a bad one is one clear line."""
-
-    max_batch_size: int
-    max_wait_ms: float
-    max_upload_bytes: int
-    max_pixels: int
-    api_key: str | None
-    max_files: int
-    max_queue: int
-    model_name: str
-    device: str
-    allow_url_fetch: bool = False
-    allowed_hosts: tuple[str, ...] | None = None
-    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
-    max_json_bytes: int = MAX_JSON_BYTES
-    body_timeout_s: float = BODY_TIMEOUT_S
-    idle_timeout_s: float = IDLE_TIMEOUT_S
-
-    def __post_init__(self) -> None:
-        positive = ("max_batch_size", "max_upload_bytes", "max_pixels", "max_files", "max_queue")
-        for name in (*positive, "max_decoded_bytes", "max_json_bytes"):
-            value = getattr(self, name)
-            if value < 1:
-                raise CaptionerError(f"--{name} must be >= 1, got {value}")
-        if not self.max_wait_ms >= 0:  # written so that NaN fails too
-            raise CaptionerError(f"--max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        for name in ("body_timeout_s", "idle_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise CaptionerError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise CaptionerError("--api_key must not be empty")
-        if self.allowed_hosts is not None and not all(h.strip() for h in self.allowed_hosts):
-            raise CaptionerError("--allowed_hosts must not contain an empty name")
-
-    @property
-    def max_image_json_bytes(self) -> int:
-        """The largest OpenAI-style JSON body: one full-size image as a base64 data: URL, plus
-        `max_json_bytes` for the rest of the request."""
-        return 4 * math.ceil(self.max_upload_bytes / 3) + self.max_json_bytes
-
-    @property
-    def max_body_bytes(self) -> int:
-        """Whole-request cap: enough for `max_files` full-size images plus form overhead, or
-        one image inside a JSON body."""
-        uploads = self.max_files * self.max_upload_bytes + FORM_OVERHEAD_BYTES
-        return max(uploads, self.max_image_json_bytes)
-
-
 class Upload(NamedTuple):
     field: str  # "file", "files" or "url"
     name: str  # the file name or the shortened URL, for messages and results
@@ -247,23 +189,13 @@ class CaptionRequest:
 
 def create_app(
     captioner: CaptionsImages,
-    *,
-    max_batch_size: int = 16,
-    max_wait_ms: float = 5.0,
-    max_upload_bytes: int = 10_000_000,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    api_key: str | None = None,
-    max_files: int = 16,
-    max_queue: int = 1024,
-    model_name: str | None = None,
-    allow_url_fetch: bool = False,
-    allowed_hosts: Sequence[str] | None = None,
-    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-    max_json_bytes: int = MAX_JSON_BYTES,
-    body_timeout_s: float = BODY_TIMEOUT_S,
-    idle_timeout_s: float = IDLE_TIMEOUT_S,
+    settings: ServerSettings | None = None,
+    **overrides: Any,
 ) -> FastAPI:
     """Build the app around a loaded `Captioner` (anything with `.caption(images, decoding)`).
+
+    `settings` holds every limit (`ServerSettings`, one default each); any of its fields may
+    also be given as a keyword, which overrides it.
 
     `max_upload_bytes` and `max_pixels` apply per image, `max_files` per request,
     `max_decoded_bytes` to all requests together (uploads plus decoded pixels in flight).
@@ -275,22 +207,10 @@ def create_app(
     for a loopback bind). `max_batch_size=1` turns dynamic batching off. A bad setting raises
     `CaptionerError` before anything starts.
     """
-    settings = ServerSettings(
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        max_upload_bytes=max_upload_bytes,
-        max_pixels=max_pixels,
-        api_key=api_key,
-        max_files=max_files,
-        max_queue=max_queue,
-        model_name=model_name or _model_name(captioner),
+    settings = (settings or ServerSettings()).replace(**overrides)
+    settings = settings.replace(
+        model_name=settings.model_name or _model_name(captioner),
         device=str(getattr(captioner, "device", "cpu")),
-        allow_url_fetch=allow_url_fetch,
-        allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
-        max_decoded_bytes=max_decoded_bytes,
-        max_json_bytes=max_json_bytes,
-        body_timeout_s=body_timeout_s,
-        idle_timeout_s=idle_timeout_s,
     )
     batcher = _build_batcher(captioner, settings)
     budget = MemoryBudget(settings.max_decoded_bytes)
