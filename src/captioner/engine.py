@@ -25,12 +25,17 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import psutil
 import torch
 from PIL import Image
+from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from captioner.data.fetch import fetch, is_url
 from captioner.data.images import load_image, source_name
@@ -52,6 +57,34 @@ GPU_MAX_BATCH = 256
 
 # Called with the number of images finished after each batch (the apps draw a progress bar).
 ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A piece of one image's caption (`Captioner.caption_stream`). `text` is what the caption
+    gained since that image's previous event; its last event (`done`) also carries the whole
+    `caption`: a `Generated` str (and then the image's `text` pieces join to exactly it), a list
+    of them for num_return_sequences > 1, or the image's BadImageError."""
+
+    index: int
+    text: str
+    caption: Any = None
+
+    @property
+    def done(self) -> bool:
+        return self.caption is not None
+
+
+class StreamListener(Protocol):
+    """What `caption_iter(listener=...)` tells as it generates (called from its thread)."""
+
+    def wants_text(self, index: int) -> bool: ...  # False: skip decoding this image's steps
+
+    def text(self, index: int, delta: str) -> None: ...
+
+    def done(self, index: int, caption: Any) -> None: ...
+
+    def cancelled(self, index: int) -> bool: ...  # True: stop generating for this image
 
 
 def open_image(src: Any) -> Image.Image:
@@ -175,16 +208,49 @@ class Captioner:
         the caption); for the other families it is the instruction (LLaVA's saved prompt, a chat
         model's user turn, PaliGemma's task prefix, Florence-2's task token) and is not.
         """
-        if isinstance(images, (str, bytes, bytearray, dict, os.PathLike, Image.Image)):
-            images = [images]
-        elif not (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
-            images = list(images)
+        images = _as_list(images)
         out: list[Any] = [None] * len(images)
         for i, result in self.caption_iter(images, decoding, details=details, **kwargs):
             if isinstance(result, BadImageError):
                 raise result
             out[i] = result
         return out
+
+    def caption_stream(
+        self, images: Sequence[Any] | Any, decoding: DecodingOptions | None = None, **kwargs: Any
+    ) -> Iterator[StreamEvent]:
+        """Caption `images` (batched as `caption` does), yielding each image's caption as it is
+        generated: `StreamEvent(index, text)` pieces, a word at a time, then one event with the
+        whole caption (`done`). Images of one batch stream side by side.
+
+        Text streams for greedy and sampled decoding with one caption per image. Beam search,
+        num_return_sequences > 1 and a model whose generate takes no streamer (an ONNX export)
+        stream each caption as one final event; so does the `max_words` cut (the text before it
+        streams, the rest of the cut is simply never sent). Leaving the loop early stops
+        generation. Keyword arguments are those of `caption_iter`."""
+        events: queue.Queue[StreamEvent | BaseException | None] = queue.Queue()
+        listener = _QueueListener(events)
+
+        def run() -> None:
+            try:
+                for _ in self.caption_iter(
+                    _as_list(images), decoding, details=True, listener=listener, **kwargs
+                ):
+                    pass
+                events.put(None)
+            except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+                events.put(err)
+
+        thread = threading.Thread(target=run, name="captioner-stream", daemon=True)
+        thread.start()
+        try:
+            while (event := events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            listener.stopped.set()  # the caller left: remaining rows stop at the next step
+            thread.join()
 
     @torch.inference_mode()
     def caption_iter(
@@ -196,6 +262,7 @@ class Captioner:
         num_workers: int | None = None,
         progress: ProgressFn | None = None,
         details: bool = False,
+        listener: StreamListener | None = None,
         **options: Any,
     ) -> Iterator[tuple[int, str | list[str] | BadImageError]]:
         """Yield `(index, caption)` in input order, batch by batch, for big jobs.
@@ -206,6 +273,8 @@ class Captioner:
         that is > 1. `progress` is called with the number of images done after each batch. With
         `details`, captions are `Generated` strings that also carry the number of tokens
         generated and why generation stopped ("stop": an end token; "length": max_new_tokens).
+        A `listener` is told each image's text as it is generated and each caption when it is
+        done (what `caption_stream` and the server's batcher stream from).
         """
         asked = (decoding or DecodingOptions()).replace(**options)
         decoding = self.resolve(asked)
@@ -236,15 +305,21 @@ class Captioner:
         n_out = decoding.num_return_sequences
         was_training = self.model.training  # the training callback passes the live model
         self.model.eval()
+        tell = None if listener is None else _Reconciled(listener)
         try:
             for (good, inputs, prompt_tokens), errors in loader:
                 results: dict[int, Any] = dict(errors)
                 if good:
-                    texts = self._generate(inputs, prompt_tokens, decoding, gen_kwargs, details)
+                    texts = self._generate(
+                        inputs, prompt_tokens, decoding, gen_kwargs, details or tell is not None,
+                        None if tell is None else (tell, good),
+                    )  # fmt: skip
                     for k, i in enumerate(good):
                         group = texts[k * n_out : (k + 1) * n_out]
                         results[i] = group if n_out > 1 else group[0]
                 for i in sorted(results):
+                    if tell is not None:  # the rest of each caption not streamed yet
+                        tell.done(i, results[i])
                     yield i, results[i]
                 if progress is not None:
                     progress(len(results))
@@ -352,9 +427,23 @@ class Captioner:
     def _generate(
         self, inputs: dict[str, Any], prompt_tokens: int, decoding: DecodingOptions,
         gen_kwargs: dict, details: bool = False,
+        stream: tuple[StreamListener, list[int]] | None = None,
     ) -> list[str]:  # fmt: skip
+        """One generate call. `stream`: (listener, the batch's image indexes) for token streaming
+        (greedy/sampled, one sequence per image, a transformers generate) and for stopping the
+        rows whose caller left (`listener.cancelled`)."""
         inputs = {k: self._to_device(v) for k, v in inputs.items()}
-        ids = self.model.generate(**inputs, **gen_kwargs)
+        ends, starts = self._end_ids(gen_kwargs), self._start_ids()
+        kwargs = gen_kwargs
+        if stream is not None and self._streams(decoding):
+            listener, rows = stream
+            captions = _Captions(self, inputs, prompt_tokens, decoding, ends, starts)
+            kwargs = {
+                **gen_kwargs,
+                "streamer": _RowStreamer(captions, listener, rows),
+                "stopping_criteria": StoppingCriteriaList([_Cancelled(listener, rows)]),
+            }
+        ids = self.model.generate(**inputs, **kwargs)
         texts = self.family.decode(
             self.processor, ids, inputs, prompt_tokens, keep_prompt=decoding.keep_prompt
         )
@@ -362,9 +451,14 @@ class Captioner:
         if not details:
             return texts
         new = self.family.generated_ids(ids, inputs, prompt_tokens).tolist()
-        ends, starts = self._end_ids(gen_kwargs), self._start_ids()
         return [Generated(text, *_count(row, ends, starts)) for text, row in
                 zip(texts, new, strict=True)]  # fmt: skip
+
+    def _streams(self, decoding: DecodingOptions) -> bool:
+        """Whether generate can hand over its tokens step by step: transformers' generate (not
+        an ONNX export's), one greedy or sampled sequence per image (beams reorder theirs)."""
+        one = decoding.num_beams == 1 and decoding.num_return_sequences == 1
+        return one and isinstance(self.model, GenerationMixin)
 
     def _end_ids(self, gen_kwargs: dict) -> set[int]:
         eos = gen_kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
@@ -394,3 +488,144 @@ def _count(row: list[int], ends: set[int], starts: set[int]) -> tuple[int, str]:
         if row[j] in ends:
             return j - i, "stop"
     return len(row) - i, "length"
+
+
+def _as_list(images: Sequence[Any] | Any) -> Sequence[Any]:
+    """One image or many -> a sequence the loader can index."""
+    if isinstance(images, (str, bytes, bytearray, dict, os.PathLike, Image.Image)):
+        return [images]
+    if not (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
+        return list(images)
+    return images
+
+
+# ---- streaming: a batch's tokens, step by step, to the images' listeners ----
+
+
+class _Captions:
+    """Captions of a batch's ids so far, decoded as `_generate` decodes the finished ids (the
+    family strips the prompt; whitespace normalised; `decoding.finish`), so that what streams
+    is a prefix of the caption."""
+
+    def __init__(self, captioner: Captioner, inputs: dict, prompt_tokens: int,
+                 decoding: DecodingOptions, ends: set[int], starts: set[int]) -> None:  # fmt: skip
+        self.captioner, self.inputs, self.prompt_tokens = captioner, inputs, prompt_tokens
+        self.decoding, self.ends, self.starts = decoding, ends, starts
+        # a suffix belongs after the whole caption only; the prefix may stream first
+        self.partial = decoding.replace(suffix=None)
+
+    def texts(self, ids: torch.Tensor, final: bool) -> list[str]:
+        family, c = self.captioner.family, self.captioner
+        texts = family.decode(c.processor, ids, self.inputs, self.prompt_tokens,
+                              keep_prompt=self.decoding.keep_prompt)  # fmt: skip
+        finish = self.decoding.finish if final else self.partial.finish
+        return [finish(" ".join(t.split())) for t in texts]
+
+    def generated(self, ids: torch.Tensor, text: str, k: int) -> Generated:
+        row = self.captioner.family.generated_ids(ids, self.inputs, self.prompt_tokens)[k]
+        return Generated(text, *_count(row.tolist(), self.ends, self.starts))
+
+
+class _RowStreamer(BaseStreamer):
+    """transformers' streamer interface for a whole batch: `put` gets the prompt ids, then
+    each step's (batch,) new tokens. Each row's new text goes to its listener as soon as two
+    decodes agree on it (one step behind); a row that writes an end token is done at once,
+    without waiting for the rest of its batch."""
+
+    def __init__(self, captions: _Captions, listener: StreamListener, rows: list[int]) -> None:
+        self.captions, self.listener, self.rows = captions, listener, rows
+        self.ids: torch.Tensor | None = None
+        self.open = set(range(len(rows)))
+        self.shown = [""] * len(rows)  # the text each row's listener has been given
+        self.last = [""] * len(rows)  # each row's text at the previous step
+
+    def put(self, value: torch.Tensor) -> None:
+        value = value.detach().cpu()
+        if self.ids is None:  # the prompt (a decoder's start ids for an encoder-decoder)
+            self.ids = value if value.dim() == 2 else value.view(len(self.rows), -1)
+            return
+        new = value.view(len(self.rows), -1)
+        self.ids = torch.cat([self.ids, new], dim=1)
+        ended = {k for k in self.open if int(new[k, -1]) in self.captions.ends}
+        talking = [k for k in self.open - ended if self.listener.wants_text(self.rows[k])]
+        if not ended and not talking:
+            return
+        texts = self.captions.texts(self.ids, final=False)
+        for k in talking:
+            # what two steps in a row agree on: the last token may still change its text (a
+            # word piece, half a UTF-8 character decoded as U+FFFD, a space cleaned away)
+            stable = os.path.commonprefix([self.last[k], texts[k]]).rstrip("\ufffd")
+            self.last[k] = texts[k]
+            if len(stable) > len(self.shown[k]) and stable.startswith(self.shown[k]):
+                self.listener.text(self.rows[k], stable[len(self.shown[k]) :])
+                self.shown[k] = stable
+        if ended:
+            final = self.captions.texts(self.ids, final=True)
+            for k in ended:
+                self.open.discard(k)
+                self.listener.done(self.rows[k], self.captions.generated(self.ids, final[k], k))
+
+    def end(self) -> None:  # the rows still open are done by `caption_iter` with the result
+        pass
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops the rows whose caller has gone (a finished batch's end comes sooner)."""
+
+    def __init__(self, listener: StreamListener, rows: list[int]) -> None:
+        self.listener, self.rows = listener, rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        gone = [self.listener.cancelled(i) for i in self.rows]
+        return torch.tensor(gone, dtype=torch.bool, device=input_ids.device)
+
+
+class _Reconciled:
+    """A listener told each image's `done` once, after the text it still lacked: the streamed
+    pieces then join to exactly the caption."""
+
+    def __init__(self, listener: StreamListener) -> None:
+        self.listener = listener
+        self.sent: dict[int, str] = {}
+        self.finished: set[int] = set()
+
+    def wants_text(self, index: int) -> bool:
+        return self.listener.wants_text(index)
+
+    def cancelled(self, index: int) -> bool:
+        return self.listener.cancelled(index)
+
+    def text(self, index: int, delta: str) -> None:
+        self.sent[index] = self.sent.get(index, "") + delta
+        self.listener.text(index, delta)
+
+    def done(self, index: int, caption: Any) -> None:
+        if index in self.finished:
+            return
+        self.finished.add(index)
+        sent = self.sent.pop(index, "")
+        if isinstance(caption, str) and len(caption) > len(sent):
+            if not caption.startswith(sent):  # a tokenizer whose words changed afterwards
+                log.warning("streamed text %r is not the start of caption %r", sent, caption)
+            self.listener.text(index, caption[len(sent) :])
+        self.listener.done(index, caption)
+
+
+class _QueueListener:
+    """`caption_stream`'s listener: events into a queue for the caller's thread."""
+
+    def __init__(self, events: queue.Queue) -> None:
+        self.events = events
+        self.stopped = threading.Event()
+
+    def wants_text(self, index: int) -> bool:
+        return not self.stopped.is_set()
+
+    def cancelled(self, index: int) -> bool:
+        return self.stopped.is_set()
+
+    def text(self, index: int, delta: str) -> None:
+        self.events.put(StreamEvent(index, delta))
+
+    def done(self, index: int, caption: Any) -> None:
+        self.events.put(StreamEvent(index, "", caption))
