@@ -1,0 +1,252 @@
+"""A real cross-style benchmark (issue 18, parts 5-6): the same freedesktop icon names drawn by
+different artists (Debian icon themes), captioned by their names (`media-playback-start` ->
+"media playback start").
+
+    .venv/bin/python bench/icons_bench.py build                 # apt download + render, ~3 min
+    .venv/bin/python bench/icons_bench.py run --recipe baseline # train + eval every split
+    .venv/bin/python bench/icons_bench.py table                 # markdown of every run so far
+
+`build` downloads the theme packages with `apt-get download` (no install), unpacks them with
+`dpkg-deb -x` and renders one image per (theme, icon) at 128 px on white: PNG themes at their
+largest size >= 32 px, SVG themes with cairosvg. Names ending in `-symbolic` or `-rtl` and the
+`apps` context (brand logos: a name no drawing can tell) are left out. An image that several
+names share (symlinks or identical files) is one example whose references are all its names.
+
+Splits (bench/out/icons/), seeded:
+- `train`: every image of the training themes (oxygen, breeze, papirus, elementary-xfce) whose
+  names are not held out.
+- `seen_names_other_theme`: Tango's drawings of names seen in training (a style never trained on).
+- `unseen_names`: every theme's drawings of names held out of training entirely (15 % of the
+  name groups; names linked by a shared image are held out together, so no alias leaks).
+
+`run` trains a recipe (RECIPES) with `captioner train`, then scores each split with
+`captioner eval --split all` (exact match, CIDEr-D, ...; report.html and samples per split).
+Results land in bench/out/icons/runs/<recipe>/results.json with training minutes and `uptime`
+load. Generated data stays under bench/out/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(ROOT / ".venv" / "bin" / "captioner")
+OUT = ROOT / "bench" / "out" / "icons"
+SIDE = 128  # rendered size; the presets resize to 112-224
+HELD_OUT_FRACTION = 0.15
+MAX_EVAL = 600  # images per evaluation split: bounded eval time
+SKIP_CONTEXTS = {"apps", "applets", "animations", "symbolic", "legacy", "cursors"}
+
+# theme -> (Debian package, icon folder, layout): "size/context" (oxygen, papirus, tango) or
+# "context/size" (breeze, elementary-xfce); sizes are folder names like 64x64 or 64.
+THEMES = {
+    "oxygen": ("oxygen-icon-theme", "usr/share/icons/oxygen/base", "size/context"),
+    "breeze": ("breeze-icon-theme", "usr/share/icons/breeze", "context/size"),
+    "elementary": ("elementary-xfce-icon-theme", "usr/share/icons/elementary-xfce", "context/size"),
+    "papirus": ("papirus-icon-theme", "usr/share/icons/Papirus", "size/context"),
+    "tango": ("tango-icon-theme", "usr/share/icons/Tango", "size/context"),
+}
+# Papirus's `categories` links to its app logos; its `places` are ~1,900 coloured folders.
+THEME_SKIP = {"papirus": {"categories"}}
+# Training sets: the default three themes, and the same plus Papirus (a recipe option).
+TRAIN_SETS = {"train": ("oxygen", "breeze", "elementary"),
+              "train_papirus": ("oxygen", "breeze", "elementary", "papirus")}  # fmt: skip
+OTHER_THEME = "tango"
+
+
+def _size_of(folder: str) -> int:
+    if folder == "scalable":
+        return 10_000  # vectors render at any size: best
+    head = folder.split("x")[0].split("@")[0]
+    return int(head) if head.isdigit() else -1
+
+
+def inventory(theme_dir: Path, layout: str, skip: set[str] = frozenset()) -> dict[str, Path]:
+    """icon name -> its file at the largest size >= 32 px (SVG preferred over a small PNG)."""
+    best: dict[str, tuple[int, Path]] = {}
+    for first in sorted(p for p in theme_dir.iterdir() if p.is_dir()):
+        for second in sorted(p for p in first.iterdir() if p.is_dir()):
+            size_dir, context = (first, second) if layout == "size/context" else (second, first)
+            size = _size_of(size_dir.name)
+            if size < 32 or context.name in SKIP_CONTEXTS | skip:
+                continue
+            for f in second.iterdir():
+                name = f.stem
+                if f.suffix not in (".png", ".svg") or name.endswith(("-symbolic", "-rtl")):
+                    continue
+                if "." in name or name.endswith(".symbolic"):
+                    continue  # app ids (org.gnome.X) and Adwaita-style symbolic renders
+                if not f.exists():  # dangling symlink
+                    continue
+                if name not in best or size > best[name][0]:
+                    best[name] = (size, f)
+    return {name: path for name, (_, path) in best.items()}
+
+
+def render(src: str) -> bytes | None:
+    """A PNG of the icon at SIDE x SIDE on white (transparency would turn black in RGB)."""
+    try:
+        if src.endswith(".svg"):
+            import cairosvg
+
+            raw = cairosvg.svg2png(url=src, output_width=SIDE, output_height=SIDE)
+            image = Image.open(io.BytesIO(raw))
+        else:
+            image = Image.open(src)
+            image.load()
+        image = image.convert("RGBA")
+        if image.size != (SIDE, SIDE):
+            image = image.resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        canvas.alpha_composite(image)
+        if canvas.convert("L").getextrema()[0] > 250:
+            return None  # blank (a white or empty drawing)
+        buf = io.BytesIO()
+        canvas.convert("RGB").save(buf, "PNG")
+        return buf.getvalue()
+    except Exception:  # a broken or unsupported file: left out, counted
+        return None
+
+
+def caption(name: str) -> str:
+    return name.replace("-", " ").replace("_", " ").strip()
+
+
+def _download(debs: Path, packages: list[str]) -> None:
+    debs.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in packages if not list(debs.glob(f"{p}_*.deb"))]
+    if missing:
+        subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True)
+
+
+def _unpack(debs: Path, package: str, dest: Path) -> Path:
+    target = dest / package
+    if not target.exists():
+        (deb,) = debs.glob(f"{package}_*.deb")
+        tmp = target.with_suffix(".tmp")
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
+        tmp.rename(target)
+    return target
+
+
+def build(out: Path, seed: int = 0, workers: int = 2) -> dict:
+    start = time.time()
+    debs, unpacked = out / "debs", out / "unpacked"
+    _download(debs, [pkg for pkg, _, _ in THEMES.values()])
+    examples: list[dict] = []  # {theme, names, png}
+    for theme, (package, folder, layout) in THEMES.items():
+        files = inventory(
+            _unpack(debs, package, unpacked) / folder, layout, THEME_SKIP.get(theme, set())
+        )
+        by_file: dict[str, list[str]] = defaultdict(list)  # real file -> its names
+        for name, path in files.items():
+            by_file[os.path.realpath(path)].append(name)
+        sources = sorted(by_file)
+        with ProcessPoolExecutor(workers) as pool:
+            rendered = list(pool.map(render, sources, chunksize=32))
+        by_pixels: dict[str, dict] = {}  # identical drawings under several files: one example
+        for src, png in zip(sources, rendered, strict=True):
+            if png is None:
+                continue
+            digest = hashlib.sha1(png).hexdigest()
+            item = by_pixels.setdefault(digest, {"theme": theme, "names": [], "png": png})
+            item["names"] = sorted(set(item["names"]) | set(by_file[src]))
+        examples += by_pixels.values()
+        print(f"{theme}: {len(files)} names, {len(by_pixels)} images", file=sys.stderr)
+    groups = _name_groups(examples)
+    # held-out names come from the default training themes (Papirus alone would make it mostly
+    # coloured folders), and the unseen split leaves Papirus's drawings out for the same reason
+    base = TRAIN_SETS["train"]
+    train_names = {n for e in examples if e["theme"] in base for n in e["names"]}
+    candidates = sorted({groups[n] for n in train_names})
+    random.Random(seed).shuffle(candidates)
+    held = set(candidates[: int(len(candidates) * HELD_OUT_FRACTION)])
+    splits: dict[str, list[dict]] = defaultdict(list)
+    for e in examples:
+        unseen = any(groups[n] in held for n in e["names"])
+        if unseen:
+            if e["theme"] != "papirus":
+                splits["unseen_names"].append(e)
+        else:
+            for split, themes in TRAIN_SETS.items():
+                if e["theme"] in themes:
+                    splits[split].append(e)
+    seen = {n for e in splits["train"] for n in e["names"]}  # the smaller set's names
+    for e in examples:
+        if e["theme"] == OTHER_THEME and not any(groups[n] in held for n in e["names"]):
+            if any(n in seen for n in e["names"]):
+                # references: the names this drawing has that training taught
+                splits["seen_names_other_theme"].append(dict(e, names=[n for n in e["names"]
+                                                                        if n in seen]))
+    rng = random.Random(seed)
+    for name in ("unseen_names", "seen_names_other_theme"):
+        rng.shuffle(splits[name])
+        splits[name] = splits[name][:MAX_EVAL]
+    stats = {"seconds": 0.0, "themes": {}, "splits": {}}
+    for split, items in splits.items():
+        folder = out / split
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "img").mkdir(parents=True)
+        with open(folder / "captions.jsonl", "w") as f:
+            for i, e in enumerate(items):
+                rel = f"img/{e['theme']}-{i:05d}.png"
+                (folder / rel).write_bytes(e["png"])
+                row = {"image": rel, "captions": [caption(n) for n in e["names"]],
+                       "theme": e["theme"]}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+        stats["splits"][split] = {"images": len(items),
+                                  "names": len({n for e in items for n in e["names"]})}  # fmt: skip
+    for theme in THEMES:
+        stats["themes"][theme] = sum(1 for e in examples if e["theme"] == theme)
+    stats["seconds"] = round(time.time() - start, 1)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def _name_groups(examples: list[dict]) -> dict[str, str]:
+    """Union-find over names that share a drawing in any theme: held out together."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for e in examples:
+        first = e["names"][0]
+        for other in e["names"][1:]:
+            parent[find(other)] = find(first)
+    return {n: find(n) for e in examples for n in e["names"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", type=Path, default=OUT)
+    b.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.cmd == "build":
+        print(json.dumps(build(args.out, args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()
