@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import sys
+import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,9 @@ from rich.table import Table
 from captioner.data.sources import DataArguments
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
+from captioner.jobs.caption import CaptionOptions
+from captioner.options import LoadOptions
+from captioner.serve.settings import ServerSettings
 
 app = typer.Typer(
     help="Fine-tune, evaluate, run and serve image-captioning models.",
@@ -50,17 +54,37 @@ console = Console(stderr=True)
 
 # The data options every dataset-reading command takes (train takes them through its parser).
 DATA_FLAGS = ("image_column", "caption_column", "test_size", "on_bad_image", "max_pixels")
+# Server settings the app fills from the model it serves, not flags.
+APP_FILLED = ("model_name", "device")
+# What `review` shares with `serve` (its page is a server too) and with the model loaders.
+REVIEW_SERVER_FLAGS = ("api_key", "allowed_hosts")
+REVIEW_LOAD_FLAGS = ("device", "trust_remote_code")
 
 
-def dataclass_flags(cls: type, param: str, *, only: tuple[str, ...] | None = None, unset=False):
+def dataclass_flags(
+    cls: type,
+    param: str,
+    *,
+    only: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+    unset: bool = False,
+) -> Callable[[Callable], Callable]:
     """Decorator: one typer option per field of dataclass `cls` (name, type, default and help
     from the field), collected into an instance of `cls` passed to the command as `param`.
 
-    With `unset=True` every option defaults to None and the command receives a dict of the
-    options the user gave (for commands whose defaults come from elsewhere, e.g. a saved model).
+    A field's metadata may also give `flags` (more names, e.g. `-o`) and `envvar`. A list or
+    tuple field is a repeatable option (a tuple field gets a tuple; none given: its default).
+    A bool that defaults to True gets an off switch `--no_NAME`. `only`/`exclude` pick fields
+    (e.g. those the app fills itself). With `unset=True` every option defaults to None and the
+    command receives a dict of the options the user gave (for commands whose defaults come from
+    elsewhere, e.g. a saved model).
     """
     hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if only is None or f.name in only]
+    fields = [
+        f
+        for f in dataclasses.fields(cls)
+        if (only is None or f.name in only) and f.name not in exclude
+    ]
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
@@ -69,21 +93,25 @@ def dataclass_flags(cls: type, param: str, *, only: tuple[str, ...] | None = Non
         for f in fields:
             kind = _plain_type(hints[f.name])
             default = None if unset else _field_default(f)
-            annotation: Any = list[str] if kind is list else kind | None
+            annotation: Any = list[str] if kind in (list, tuple) else kind | None
+            if kind is tuple:  # typer wants a list; the command gets the field's own type
+                default = None if default is None else list(default)
             if kind is bool and not unset:
                 annotation = bool
-            names = [f"--{f.name}"]
+            names = [f"--{f.name}", *f.metadata.get("flags", ())]
             if kind is bool and default is True:  # a flag that is on: it needs an off switch
-                names = [f"--{f.name}/--no_{f.name}"]
-            option = typer.Option(default, *names, help=f.metadata.get("help"))
+                names[0] = f"--{f.name}/--no_{f.name}"
+            option = typer.Option(
+                default, *names, help=f.metadata.get("help"), envvar=f.metadata.get("envvar")
+            )
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option))
             annotations[f.name] = annotation
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
-            values = {f.name: kwargs.pop(f.name) for f in fields}
+            values = {f.name: _value(f, hints[f.name], kwargs.pop(f.name)) for f in fields}
             if unset:
-                kwargs[param] = {k: v for k, v in values.items() if v not in (None, [])}
+                kwargs[param] = {k: v for k, v in values.items() if v not in (None, [], ())}
             else:
                 kwargs[param] = cls(**values)
             return fn(*args, **kwargs)
@@ -95,8 +123,14 @@ def dataclass_flags(cls: type, param: str, *, only: tuple[str, ...] | None = Non
     return decorate
 
 
+def _value(f: dataclasses.Field, hint: Any, given: Any) -> Any:
+    if _plain_type(hint) is tuple:  # a repeatable option given no times: the field's default
+        return tuple(given) if given else _field_default(f)
+    return given
+
+
 def _plain_type(hint: Any) -> type:
-    if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return typing.get_origin(hint) or hint
 
@@ -328,6 +362,7 @@ def train(ctx: typer.Context) -> None:
 
 @app.command("eval")
 @dataclass_flags(DecodingOptions, "decoding")
+@dataclass_flags(LoadOptions, "load")
 @dataclass_flags(DataArguments, "data_options", only=(*DATA_FLAGS, "max_eval_samples"), unset=True)
 def eval_command(
     model: str = typer.Argument(..., help="Model directory or Hub id."),
@@ -346,16 +381,8 @@ def eval_command(
     metric: list[str] = typer.Option(
         [], "--metric", help="Extra metric: teacher_forced_wer (the guide's number)."
     ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust_remote_code", help="Allow model code from the Hub repository."
-    ),
-    dtype: str = typer.Option(
-        "float32", "--dtype", help="float32 | bfloat16 (native on AVX512-BF16/AMX CPUs)."
-    ),
-    int8: bool = typer.Option(
-        False, "--int8", help="int8 linear layers (CPU, dynamic quantization): faster, inexact."
-    ),
     decoding: DecodingOptions = None,  # type: ignore[assignment]
+    load: LoadOptions = None,  # type: ignore[assignment]
     data_options: dict = None,  # type: ignore[assignment]
 ) -> None:
     """Generate captions for a split and score them: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, WER.
@@ -380,9 +407,7 @@ def eval_command(
         output_dir=output_dir,
         decoding=decoding,
         batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
-        int8=int8,
+        load=load,
     )
     results, teacher_forced = run_eval(job)
     table = Table(title=escape(f"{source} [{split}]"))
@@ -411,132 +436,28 @@ def _fmt(value: Any) -> str:
 
 @app.command("caption")
 @dataclass_flags(DecodingOptions, "decoding")
+@dataclass_flags(LoadOptions, "load")
+@dataclass_flags(CaptionOptions, "options")
 def caption_command(
     model: str = typer.Argument(..., help="Model directory or Hub id."),
     inputs: list[str] = typer.Argument(
-        ..., help="Image files, folders (recursive), globs, http(s) URLs, or - (list on stdin)."
+        ...,
+        help="Image files, folders (recursive), globs, http(s) URLs, - (a list on stdin), "
+        "@list.txt (a list in a file), or a Parquet/JSONL manifest with an image column.",
     ),
-    output: str | None = typer.Option(
-        None, "--output", "-o", help="Rows to a .jsonl or .csv file (default: JSONL on stdout)."
-    ),
-    sidecar: bool = typer.Option(False, "--sidecar", help="Write image.txt next to each image."),
-    caption_extension: str = typer.Option(
-        ".txt", "--caption_extension", help="Sidecar suffix (.txt, .caption)."
-    ),
-    skip_existing: bool = typer.Option(False, "--skip_existing", help="Keep existing sidecars."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace sidecars / --output."),
-    resume: bool = typer.Option(False, "--resume", help="Skip images already in --output."),
-    retry_errors: bool = typer.Option(
-        False, "--retry_errors", help="With --resume: caption the error rows again."
-    ),
-    on_collision: str = typer.Option(
-        "error",
-        "--on_collision",
-        help="Two images, one sidecar name (cat.jpg + cat.png): error | full_name (cat.jpg.txt).",
-    ),
-    batch_size: int | None = typer.Option(None, "--batch_size", help="Default: automatic."),
-    seed: int | None = typer.Option(None, "--seed", help="Makes --do_sample repeatable."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: auto)."),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust_remote_code", help="Allow model code from the Hub repository."
-    ),
-    progress: bool = typer.Option(True, "--progress/--no_progress", help="Progress bar (stderr)."),
-    dtype: str = typer.Option(
-        "float32", "--dtype", help="float32 | bfloat16 (native on AVX512-BF16/AMX CPUs)."
-    ),
-    int8: bool = typer.Option(
-        False, "--int8", help="int8 linear layers (CPU, dynamic quantization): faster, inexact."
-    ),
-    engine: str = typer.Option(
-        "local", "--engine", help="local | ray (a corpus on Ray Data: --output is a folder)."
-    ),
-    ray_address: str | None = typer.Option(
-        None, "--ray_address", help="Join this Ray cluster (default: a local instance)."
-    ),
-    num_workers: int | None = typer.Option(
-        None, "--num_workers", help="Ray actors, each holding one model (default: CPUs / 2)."
-    ),
-    gpus_per_worker: float = typer.Option(
-        0.0, "--gpus_per_worker", help="Ray: GPUs per actor (e.g. 1, or 0.5 for two per GPU)."
-    ),
+    options: CaptionOptions = None,  # type: ignore[assignment]
+    load: LoadOptions = None,  # type: ignore[assignment]
     decoding: DecodingOptions = None,  # type: ignore[assignment]
 ) -> None:
-    """Caption images into JSONL/CSV rows {"image", "caption"} or sidecar .txt files.
+    """Caption images into JSONL/CSV rows {"image", "caption"}, shards or sidecar .txt files.
 
-    Bad images become rows with an "error" field; the exit code is 1 if any failed. With
-    --engine ray the rows go to JSONL shards in the --output folder (--resume continues).
+    Bad images become rows with an "error" field; the exit code is 1 if any failed.
+    --engine ray runs the model on Ray actors; every other flag means the same on both.
     """
-    import torch
+    from captioner.jobs.caption import CaptionJob, run_caption
 
-    from captioner.jobs.caption import caption_files
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    if engine not in ("local", "ray"):
-        raise CaptionerError(f"--engine must be local or ray, not {engine!r}")
-    if engine == "ray":
-        local_only = {
-            "--sidecar": sidecar,
-            "--caption_extension": caption_extension != ".txt",
-            "--skip_existing": skip_existing,
-            "--overwrite": overwrite,
-            "--on_collision": on_collision != "error",
-        }
-        refused = [name for name, given in local_only.items() if given]
-        if refused:
-            raise CaptionerError(
-                f"--engine ray writes JSONL shards into the --output folder: {refused[0]} is for "
-                "the local engine (use a new --output folder, or --resume to continue one)"
-            )
-        job = dict(resume=resume, retry_errors=retry_errors, device=device,
-                   trust_remote_code=trust_remote_code, dtype=dtype, int8=int8, seed=seed,
-                   progress=progress)  # fmt: skip
-        summary = _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size,
-                                  decoding, gpus_per_worker, job)  # fmt: skip
-        _print_caption_summary(summary)
-        return
-    ray_only = {"--ray_address": ray_address, "--num_workers": num_workers,
-                "--gpus_per_worker": gpus_per_worker}  # fmt: skip
-    given = [name for name, value in ray_only.items() if value]
-    if given:
-        raise CaptionerError(f"{given[0]} goes with --engine ray")
-    summary = caption_files(
-        model,
-        inputs,
-        output=output,
-        sidecar=sidecar,
-        caption_extension=caption_extension,
-        skip_existing=skip_existing,
-        overwrite=overwrite,
-        resume=resume,
-        retry_errors=retry_errors,
-        on_collision=on_collision,
-        dtype=dtype,
-        int8=int8,
-        decoding=decoding,
-        batch_size=batch_size,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        progress=progress,
-    )
+    summary = run_caption(CaptionJob(model, list(inputs), options, decoding, load))
     _print_caption_summary(summary)
-
-
-def _caption_on_ray(model, inputs, output, ray_address, num_workers, batch_size, decoding,
-                    gpus_per_worker, options):  # fmt: skip
-    try:
-        from captioner.jobs.ray_caption import RayJob, caption_with_ray
-    except ImportError as err:
-        raise CaptionerError(
-            f"--engine ray needs the ray extra ({err.name} is missing): "
-            "pip install 'captioner[ray]'"
-        ) from None
-    if output is None:
-        raise CaptionerError("--engine ray needs --output FOLDER (JSONL shards are written there)")
-    job = RayJob(model, list(inputs), output, ray_address=ray_address, num_workers=num_workers,
-                 batch_size=batch_size or 32, decoding=decoding, gpus_per_worker=gpus_per_worker,
-                 **options)  # fmt: skip
-    return caption_with_ray(job)
 
 
 def _print_caption_summary(summary) -> None:
@@ -557,6 +478,8 @@ def _print_caption_summary(summary) -> None:
 
 
 @app.command()
+@dataclass_flags(ServerSettings, "server", only=REVIEW_SERVER_FLAGS)
+@dataclass_flags(LoadOptions, "load", only=REVIEW_LOAD_FLAGS)
 def review(
     source: str = typer.Argument(
         ...,
@@ -568,18 +491,6 @@ def review(
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes it."),
     port: int = typer.Option(8765, "--port", help="TCP port."),
-    api_key: str | None = typer.Option(
-        None,
-        "--api_key",
-        envvar="CAPTIONER_API_KEY",
-        help="Require this key (X-API-Key, Bearer, or the page's key box).",
-    ),
-    allowed_hosts: list[str] | None = typer.Option(
-        None,
-        "--allowed_hosts",
-        help="Host header names to accept (repeatable; * = any; default: loopback names for a "
-        "loopback bind, any otherwise).",
-    ),
     image_column: str | None = typer.Option(
         None, "--image_column", help="Manifest image column (default: image, file_name, ...)."
     ),
@@ -592,13 +503,12 @@ def review(
         help="Where Export writes a read-only source as an editable folder "
         "(default: ./NAME-editable).",
     ),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... for --model."),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust_remote_code", help="Allow model code from the Hub."
-    ),
+    server: ServerSettings = None,  # type: ignore[assignment]
+    load: LoadOptions = None,  # type: ignore[assignment]
 ) -> None:
     """Browse, search, check and edit SOURCE's captions on one page; saves go back where each
-    caption came from, with backups under .captioner-backup/."""
+    caption came from, with backups under .captioner-backup/ (--api_key: also the page's key
+    box)."""
     try:
         from captioner.serve.review import run_review
     except ImportError as err:
@@ -607,10 +517,11 @@ def review(
             "pip install 'captioner[serve]'"
         ) from None
     _logging()
+    hosts = list(server.allowed_hosts) if server.allowed_hosts is not None else None
     run_review(
-        source, model=model, host=host, port=port, api_key=api_key, allowed_hosts=allowed_hosts,
+        source, model=model, host=host, port=port, api_key=server.api_key, allowed_hosts=hosts,
         image_column=image_column, caption_column=caption_column, export_to=export_to,
-        device=device, trust_remote_code=trust_remote_code,
+        device=load.device, trust_remote_code=load.trust_remote_code,
         say=lambda line: console.print(line, markup=False, highlight=False),
     )  # fmt: skip
 
@@ -619,51 +530,14 @@ def review(
 
 
 @app.command()
+@dataclass_flags(ServerSettings, "settings", exclude=APP_FILLED)
+@dataclass_flags(LoadOptions, "load")
 def serve(
     model: str = typer.Argument(..., help="Model directory or Hub id (as for `caption`)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes it."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
-    max_batch_size: int = typer.Option(
-        16, "--max_batch_size", help="Images per generate call; 1 = no batching."
-    ),
-    max_wait_ms: float = typer.Option(
-        5.0,
-        "--max_wait_ms",
-        help="How long a batch waits for more requests (0: only what is already queued).",
-    ),
-    max_upload_bytes: int = typer.Option(
-        10_000_000, "--max_upload_bytes", help="Per image; larger uploads get 413."
-    ),
-    max_pixels: int | None = typer.Option(
-        None, "--max_pixels", help="Per image; larger (or bombs) get 422 (default: 50 M)."
-    ),
-    api_key: str | None = typer.Option(
-        None,
-        "--api_key",
-        envvar="CAPTIONER_API_KEY",
-        help="Require this key in X-API-Key (or Bearer).",
-    ),
-    allow_url_fetch: bool = typer.Option(
-        False, "--allow_url_fetch", help="Fetch JSON http(s) URLs (public addresses only)."
-    ),
-    allowed_hosts: list[str] | None = typer.Option(
-        None,
-        "--allowed_hosts",
-        help="Host header names to accept (repeatable; * = any; default: loopback names for a "
-        "loopback bind, any otherwise).",
-    ),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust_remote_code", help="Allow model code from the Hub."
-    ),
-    dtype: str = typer.Option(
-        "float32", "--dtype", help="float32 | bfloat16 (native on AVX512-BF16/AMX CPUs)."
-    ),
-    int8: bool = typer.Option(
-        False, "--int8", help="int8 linear layers (CPU, dynamic quantization): faster, inexact."
-    ),
+    settings: ServerSettings = None,  # type: ignore[assignment]
+    load: LoadOptions = None,  # type: ignore[assignment]
 ) -> None:
     """Serve MODEL over HTTP: POST /caption, GET /health, a web page at /, API docs at /docs."""
     try:
@@ -675,28 +549,18 @@ def serve(
             f"`captioner serve` needs the serve extra ({err.name} is missing): "
             "pip install 'captioner[serve]'"
         ) from None
-    from captioner.data.images import DEFAULT_MAX_PIXELS
     from captioner.engine import Captioner
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    # the settings were checked when the flags became a ServerSettings: before the model loads
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         console.print(f"[yellow]warning:[/] listening on {host} without --api_key")
-    settings = dict(
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        max_upload_bytes=max_upload_bytes,
-        max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-        api_key=api_key,
-        model_name=model,
-        allow_url_fetch=allow_url_fetch,
-        allowed_hosts=allowed_hosts or default_allowed_hosts(host),
+    settings = settings.replace(
+        model_name=model, allowed_hosts=settings.allowed_hosts or default_allowed_hosts(host)
     )
-    create_app(None, **settings)  # bad settings fail here, before the model loads
-    captioner = Captioner.from_pretrained(
-        model, device=device, trust_remote_code=trust_remote_code, dtype=dtype, int8=int8
-    )
+    captioner = Captioner.from_pretrained(model, load)
     console.print(f"serving [bold]{model}[/] at http://{host}:{port}/  (API docs: /docs)")
     uvicorn.run(
-        create_app(captioner, **settings),
+        create_app(captioner, settings),
         host=host,
         port=port,
         log_level="warning",

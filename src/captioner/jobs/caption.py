@@ -1,36 +1,30 @@
-"""`captioner caption`: caption files, folders, globs, URLs and stdin lists into JSONL/CSV/sidecars.
+"""`captioner caption`: the captioning job, whichever executor runs the model.
 
-The job around the engine (`generate.Captioner`): find the images, skip what is already done
-(`--resume`, `--skip_existing`), write one row per image as soon as its batch is captioned
-(flushed, so a killed run loses at most the batch in flight), and report bad images as rows with
-an `error` field instead of stopping.
+One job, two executors. This module owns everything but running the model: the options
+(`CaptionOptions`, one field per `caption` flag, from which the CLI generates the flags), the
+inputs (files, folders, globs, URLs, `-` for stdin, `@list.txt`, Parquet/JSONL manifests), what
+is already done (`--resume`, `--skip_existing`), each result's row, sidecar file and place in
+the summary, and where rows go (`jobs/caption_outputs.py`: a .jsonl/.csv file, stdout, or a
+folder of JSONL shards). The executors (`jobs/executors/`: `local`, this process; `ray`, a pool
+of Ray actors) only turn a list of images into results, so every flag means the same on both.
 
-Files are written so that nothing outside the target is touched and nothing is lost:
-- sidecars and new or replaced outputs are written to a `tempfile.mkstemp` file in the target's
-  folder and moved into place with `os.replace`, which never follows a symlink at the target's
-  name (a `cat.txt` that links elsewhere is replaced, its target untouched); an output is only
-  appended to when it is a regular file;
-- nothing is truncated or replaced before the model has loaded (a wrong model name leaves an
-  `--overwrite` target as it was);
-- two images that would share one sidecar (`cat.jpg` + `cat.png` -> `cat.txt`) are error rows,
-  unless `on_collision="full_name"` (`cat.jpg.txt`, `cat.png.txt`);
-- any file name the OS gives is captioned and written: names that are not valid UTF-8 are kept
-  surrogate-escaped (JSONL writes `\\udcXX` escapes that read back to the same name, CSV the
-  original bytes), so `--resume` finds them again.
+- Checks that need no model run first, so mistakes fail in a second, and nothing is written (no
+  output truncated or replaced) before the executor has loaded the model and given its first
+  result: a wrong model name leaves an `--overwrite` target as it was.
+- A file output gets one row per image as soon as it is captioned (flushed), a shard folder one
+  whole shard per batch, so a killed run loses at most the batch in flight; `--resume` goes on.
+- Bad images become rows with an `error` field instead of stopping the run.
+- Two images that would share one sidecar (`cat.jpg` + `cat.png` -> `cat.txt`) are error rows,
+  unless `on_collision="full_name"` (`cat.jpg.txt`, `cat.png.txt`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
+import dataclasses
 import glob
-import io
 import json
 import os
-import re
-import stat
 import sys
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +33,107 @@ from typing import IO, Any
 from captioner.data.fetch import is_url
 from captioner.data.images import IMAGE_EXTENSIONS
 from captioner.decoding import DecodingOptions
-from captioner.engine import Captioner
 from captioner.errors import CaptionerError
+from captioner.jobs.caption_outputs import (
+    PreviousRows,
+    RowsFile,
+    RowWriter,
+    ShardFolder,
+    check_writable,
+    jsonl_line,
+    output_for,
+    read_previous,
+    stream_writer,
+    write_text_atomic,
+)
+from captioner.jobs.executors import Results, Work
 from captioner.jobs.progress import progress_bar
+from captioner.options import LoadOptions
 
-COLUMNS = ("image", "caption", "error")
+__all__ = [
+    "CaptionJob", "CaptionOptions", "CaptionSummary", "caption_files", "expand_inputs",
+    "jsonl_line", "read_previous", "run_caption", "sidecar_path", "write_text_atomic",
+]  # fmt: skip
+
 COLLISION_POLICIES = ("error", "full_name")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+ENGINES = ("local", "ray")
+MANIFEST_SUFFIXES = (".parquet", ".jsonl")
+DEFAULT_ROWS_PER_SHARD = 32
+
+
+def _flag(default: Any, help: str, *names: str) -> Any:
+    return field(default=default, metadata={"help": help, "flags": names})
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """Every `captioner caption` flag but the decoding and load ones, with its default and its
+    rule, once: the CLI makes one flag per field. The last three are Ray's, refused locally."""
+
+    output: str | None = _flag(
+        None,
+        "Rows to a .jsonl or .csv file, or a folder of JSONL shards (default: JSONL on stdout).",
+        "-o",
+    )
+    sidecar: bool = _flag(False, "Write image.txt next to each image.")
+    caption_extension: str = _flag(".txt", "Sidecar suffix (.txt, .caption).")
+    skip_existing: bool = _flag(False, "Keep existing sidecars.")
+    overwrite: bool = _flag(False, "Replace sidecars / --output.")
+    resume: bool = _flag(False, "Skip images already in --output.")
+    retry_errors: bool = _flag(False, "With --resume: caption the error rows again.")
+    on_collision: str = _flag(
+        "error",
+        "Two images, one sidecar name (cat.jpg + cat.png): error | full_name (cat.jpg.txt).",
+    )
+    batch_size: int | None = _flag(None, "Images per generate call (default: automatic; Ray 32).")
+    seed: int | None = _flag(None, "Makes --do_sample repeatable.")
+    progress: bool = _flag(True, "Progress bar (stderr).")
+    engine: str = _flag("local", "local | ray (the images on a pool of Ray actors).")
+    ray_address: str | None = _flag(None, "Ray: join this cluster (default: a local instance).")
+    num_workers: int | None = _flag(
+        None, "Ray: actors, each holding one model (default: CPUs / 2)."
+    )
+    gpus_per_worker: float = _flag(0.0, "Ray: GPUs per actor (e.g. 1, or 0.5 for two per GPU).")
+
+    def __post_init__(self) -> None:
+        if self.skip_existing and self.overwrite:
+            raise CaptionerError("--skip_existing and --overwrite contradict each other; pick one")
+        if self.resume and self.overwrite:
+            raise CaptionerError("--resume and --overwrite contradict each other; pick one")
+        if self.resume and self.output is None:
+            raise CaptionerError("--resume needs --output (it skips images already in it)")
+        if self.retry_errors and not self.resume:
+            raise CaptionerError("--retry_errors goes with --resume (it retries the error rows)")
+        if self.on_collision not in COLLISION_POLICIES:
+            choices = " | ".join(COLLISION_POLICIES)
+            raise CaptionerError(
+                f"--on_collision must be one of {choices}, not {self.on_collision!r}"
+            )
+        if self.engine not in ENGINES:
+            raise CaptionerError(f"--engine must be local or ray, not {self.engine!r}")
+        for name in RAY_ONLY:
+            if self.engine != "ray" and getattr(self, name) not in (None, 0):
+                raise CaptionerError(f"--{name} goes with --engine ray")
+        for name in ("batch_size", "num_workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise CaptionerError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_worker < 0:
+            raise CaptionerError(f"--gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+
+
+RAY_ONLY = ("ray_address", "num_workers", "gpus_per_worker")
+
+
+@dataclass
+class CaptionJob:
+    """What `captioner caption` does: caption `inputs` with `model` (a folder or Hub id; a loaded
+    `Captioner` on the local engine), loaded as `load` says, decoding as `decoding` says."""
+
+    model: Any
+    inputs: list[str]
+    options: CaptionOptions = field(default_factory=CaptionOptions)
+    decoding: DecodingOptions | None = None
+    load: LoadOptions = field(default_factory=LoadOptions)
 
 
 @dataclass
@@ -58,18 +146,84 @@ class CaptionSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def add(self, row: dict[str, Any]) -> None:
+        if "error" in row:
+            self.failed.append((row["image"], row["error"]))
+        else:
+            self.captioned += 1
+
 
 @dataclass
-class PreviousRows:
-    """What an existing JSONL/CSV output holds, for `--resume` (read only: nothing is changed)."""
+class _Plan:
+    """The work list and what the rows need, decided before the model loads."""
 
-    done: set[str] = field(default_factory=set)  # images with a caption row
-    errors: set[str] = field(default_factory=set)  # images with error rows only
-    torn_tail: bool = False  # a killed run left half a last line
+    output: RowsFile | ShardFolder | None
+    previous: PreviousRows
+    todo: list[str]
+    clashes: dict[str, str]  # image -> why it has no sidecar of its own
+    targets: dict[str, Path]  # image -> its sidecar file
+    summary: CaptionSummary
+
+
+def run_caption(
+    job: CaptionJob, *, stdin: IO[str] | None = None, stdout: IO[str] | None = None
+) -> CaptionSummary:
+    """Caption every image of `job.inputs` not already done; rows go to `options.output` or
+    `stdout` (JSONL), sidecars beside the images. Returns what was done."""
+    options = job.options
+    plan = _plan(job, stdin)
+    work = Work(job.model, job.load, job.decoding, options.batch_size, options.seed)
+    writer: RowWriter | None = None
+    with progress_bar(len(plan.todo), "captioning", enabled=options.progress) as advance:
+        results = _execute(options, plan.todo, work, advance) if plan.todo else iter(())
+        try:
+            first = next(results, None)  # the model has loaded: now the output may change
+            writer = _open_writer(plan, options, stdout)
+            for image, reason in plan.clashes.items():
+                _report(plan.summary, writer, {"image": image, "error": reason})
+            while first is not None:
+                index, result = first
+                image = plan.todo[index]
+                row = result_row(image, result, options.sidecar, plan.targets.get(image))
+                _report(plan.summary, writer, row)
+                first = next(results, None)
+        finally:
+            if hasattr(results, "close"):
+                results.close()  # stops the executor (and a Ray instance it started)
+            if writer is not None:
+                writer.close()
+    return plan.summary
+
+
+def caption_files(
+    model: Any,
+    inputs: Iterable[str],
+    *,
+    decoding: DecodingOptions | None = None,
+    load: LoadOptions | None = None,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    **options: Any,
+) -> CaptionSummary:
+    """`run_caption` with keywords: any `CaptionOptions` field (`output=`, `sidecar=`,
+    `resume=`, `engine="ray"`, ...) or `LoadOptions` field (`device=`, `dtype=`, ...). No
+    progress bar unless `progress=True`."""
+    load_names = {f.name for f in dataclasses.fields(LoadOptions)}
+    load = (load or LoadOptions()).replace(**{k: v for k, v in options.items() if k in load_names})
+    given = {k: v for k, v in options.items() if k not in load_names}
+    if "output" in given and given["output"] is not None:
+        given["output"] = os.fspath(given["output"])
+    job = CaptionJob(model, list(inputs), CaptionOptions(**{"progress": False, **given}),
+                     decoding, load)  # fmt: skip
+    return run_caption(job, stdin=stdin, stdout=stdout)
+
+
+# ---- 1. the plan: inputs, outputs, what is done ----
 
 
 def expand_inputs(inputs: Iterable[str], stdin: IO[str] | None = None) -> list[str]:
-    """Files, folders (recursive), globs, http(s) URLs and `-` (one input per stdin line).
+    """Files, folders (recursive), globs, http(s) URLs, `-` (one input per stdin line),
+    `@list.txt` (one input per line) and Parquet/JSONL manifests with an `image` column.
 
     Folders and globs are sorted so runs are repeatable; duplicates are dropped. A path that does
     not exist is kept: it becomes an error row ("file not found"), like any other bad input.
@@ -77,14 +231,16 @@ def expand_inputs(inputs: Iterable[str], stdin: IO[str] | None = None) -> list[s
     out: list[str] = []
     for item in inputs:
         if item == "-":
-            lines = _stdin_lines(stdin or sys.stdin)
-            lines = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
-            out.extend(expand_inputs(lines))
+            out.extend(expand_inputs(_listed(_stream_lines(stdin or sys.stdin))))
+        elif item.startswith("@") and len(item) > 1 and not os.path.exists(item):
+            out.extend(expand_inputs(_listed(_file_lines(item[1:]))))
         elif is_url(item):
             out.append(item)
         elif os.path.isdir(item):
             found = (Path(r) / f for r, _, files in os.walk(item) for f in files)
             out.extend(sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif Path(item).suffix.lower() in MANIFEST_SUFFIXES and os.path.isfile(item):
+            out.extend(_manifest_images(Path(item)))
         elif glob.has_magic(item) and not os.path.exists(item):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
@@ -95,304 +251,48 @@ def expand_inputs(inputs: Iterable[str], stdin: IO[str] | None = None) -> list[s
     return list(dict.fromkeys(out))
 
 
-def _stdin_lines(stream: IO[str]) -> list[str]:
-    """Lines of a list of paths; bytes that are not UTF-8 become the same surrogate escapes the
-    OS's own listings use, so such a name still opens."""
-    raw = getattr(stream, "buffer", None)
-    if raw is not None:
-        return [os.fsdecode(line) for line in raw.read().splitlines()]
-    return stream.read().splitlines()
-
-
 def sidecar_path(image: str, extension: str = ".txt") -> Path:
     """`photo.jpg` -> `photo.txt` (kohya / taggui convention)."""
     return Path(image).with_suffix(extension)
 
 
-def read_previous(output: Path) -> PreviousRows:
-    """The rows of an existing JSONL/CSV output, by image. Half a last line (a killed run) is
-    ignored here, and cut off only once the model has loaded."""
-    previous = PreviousRows()
-    if not os.path.lexists(output):
-        return previous
-    data = _read_regular(output)
-    if data and not data.endswith(b"\n"):
-        previous.torn_tail = True
-        data = data[: data.rfind(b"\n") + 1]
-    for image, error in _parse_rows(output, data.decode("utf-8", errors="surrogateescape")):
-        (previous.errors if error else previous.done).add(image)
-    previous.errors -= previous.done
-    return previous
-
-
-def done_in_output(output: Path) -> set[str]:
-    """Images already present in a JSONL/CSV output (any row, error rows included)."""
-    previous = read_previous(output)
-    return previous.done | previous.errors
-
-
-def _parse_rows(output: Path, text: str) -> list[tuple[str, bool]]:
-    """(image, is an error row) for each row of an output's text."""
-    if output.suffix.lower() == ".csv":
-        rows = csv.DictReader(io.StringIO(text, newline=""))
-        return [(r["image"], bool(r.get("error"))) for r in rows if r.get("image")]
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            out.append((row["image"], "error" in row))
-        except (ValueError, KeyError, TypeError):
-            raise CaptionerError(
-                f"{output}:{n}: not a caption row; cannot resume from it"
-            ) from None
-    return out
-
-
-def _read_regular(path: Path) -> bytes:
-    """A regular file's bytes, without following a symlink at `path`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
-    except OSError as err:
-        raise CaptionerError(f"{path}: cannot read ({_why(err)})") from None
-    with open(fd, "rb") as f:
-        if not _is_regular(os.fstat(fd)):
-            raise CaptionerError(f"{path}: not a regular file")
-        return f.read()
-
-
-class _Writer:
-    """One row per image to JSONL (file or stdout) or CSV, flushed row by row."""
-
-    def __init__(self, file: IO[str], own: bool, is_csv: bool, header: bool) -> None:
-        self.file, self.own = file, own
-        self.csv = None
-        if is_csv:
-            self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction="ignore")
-            if header:
-                self.csv.writeheader()
-                self.file.flush()
-
-    @classmethod
-    def to_stdout(cls, stdout: IO[str]) -> _Writer:
-        return cls(stdout, own=False, is_csv=False, header=False)
-
-    @classmethod
-    def create(cls, output: Path) -> _Writer:
-        """A new output (or `--overwrite`): written in a temp file beside it that replaces
-        whatever is at its name at once, so rows land in place as they are written."""
-        fd, tmp = _mkstemp_beside(output)
-        try:
-            file = _text(fd)
-            os.replace(tmp, output)
-        except OSError as err:
-            _discard(tmp)
-            raise CaptionerError(f"{output}: cannot write ({_why(err)})") from None
-        return cls(file, own=True, is_csv=_is_csv(output), header=True)
-
-    @classmethod
-    def append(cls, output: Path, previous: PreviousRows, retry: set[str]) -> _Writer:
-        """`--resume`: drop half a last line and the error rows about to be retried (through a
-        replacing temp file), then append to the output, which must be a regular file."""
-        if previous.torn_tail or retry:
-            _rewrite_without(output, retry)
-        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            fd = os.open(output, flags)
-            if not _is_regular(os.fstat(fd)):
-                os.close(fd)
-                raise CaptionerError(f"{output}: not a regular file; cannot append to it")
-        except OSError as err:
-            raise CaptionerError(f"{output}: cannot append ({_why(err)})") from None
-        file = _text(fd)
-        header = _is_csv(output) and os.fstat(fd).st_size == 0
-        return cls(file, own=True, is_csv=_is_csv(output), header=header)
-
-    def write(self, row: dict[str, Any]) -> None:
-        try:
-            if self.csv is not None:
-                caps = row.get("captions")
-                caption = json.dumps(caps, ensure_ascii=False) if caps else row.get("caption")
-                self.csv.writerow(dict(row, caption=caption))
-            else:
-                self.file.write(jsonl_line(row))
-            self.file.flush()
-        except OSError as err:  # a full disk stops the run with one line, rows so far kept
-            raise CaptionerError(f"cannot write the output ({_why(err)})") from None
-
-    def close(self) -> None:
-        if self.own:
-            self.file.close()
-
-
-def jsonl_line(row: dict[str, Any]) -> str:
-    """One JSON line. Non-ASCII text stays readable; a surrogate-escaped file name (bytes that
-    are not UTF-8) is written as its `\\udcXX` escape, which reads back to the same name."""
-    text = json.dumps(row, ensure_ascii=False)
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in its folder and `os.replace`: a killed run
-    never leaves half a file, and a symlink (or FIFO) at `path` is replaced, never followed."""
-    fd, tmp = _mkstemp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        _discard(tmp)
-        raise
-
-
-def caption_files(
-    model: str | os.PathLike | Captioner,
-    inputs: Iterable[str],
-    *,
-    output: str | os.PathLike | None = None,
-    sidecar: bool = False,
-    caption_extension: str = ".txt",
-    skip_existing: bool = False,
-    overwrite: bool = False,
-    resume: bool = False,
-    retry_errors: bool = False,
-    on_collision: str = "error",
-    decoding: DecodingOptions | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    dtype: str = "float32",
-    int8: bool = False,
-    progress: bool = False,
-    stdin: IO[str] | None = None,
-    stdout: IO[str] | None = None,
-) -> CaptionSummary:
-    """Caption every image in `inputs`; rows go to `output` (.jsonl/.csv) or stdout as JSONL.
-
-    With `sidecar`, each image also gets `image<caption_extension>` next to it (then nothing is
-    printed to stdout unless `output` is given); `on_collision` says what happens when two
-    images would share one (`error`: error rows; `full_name`: `image.jpg.txt`). `retry_errors`
-    (with `resume`) captions again the images whose earlier row is an error, replacing that row.
-    Checks that need no model run first, so mistakes fail in a second, not after the model has
-    loaded; nothing is written before it has loaded.
-    """
-    # 1. Option checks that need no model.
-    out_path = _output_path(output, skip_existing, overwrite, resume, retry_errors)
-    if on_collision not in COLLISION_POLICIES:
-        choices = " | ".join(COLLISION_POLICIES)
-        raise CaptionerError(f"--on_collision must be one of {choices}, not {on_collision!r}")
-    # 2. The work list: every input, minus what --resume / --skip_existing say is done.
-    images = expand_inputs(inputs, stdin)
+def _plan(job: CaptionJob, stdin: IO[str] | None) -> _Plan:
+    options = job.options
+    output = _output(options)
+    images = expand_inputs(job.inputs, stdin)
     if not images:
         raise CaptionerError("no images found in the given inputs")
-    previous = read_previous(out_path) if resume and out_path is not None else PreviousRows()
-    done = previous.done if retry_errors else previous.done | previous.errors
-    targets, collided = _sidecar_targets(images, caption_extension, on_collision, sidecar)
-    todo = _not_done(images, done, targets, collided, skip_existing, overwrite)
-    clashes = [im for im in todo if im in collided]
+    previous = output.read() if options.resume and output is not None else PreviousRows()
+    done = previous.done if options.retry_errors else previous.done | previous.errors
+    targets, collided = _sidecar_targets(images, options)
+    todo = _not_done(images, done, targets, collided, options)
+    clashes = {im: collided[im] for im in todo if im in collided}
     todo = [im for im in todo if im not in collided]
     summary = CaptionSummary(skipped=len(images) - len(todo) - len(clashes))
-    if previous.torn_tail:
-        summary.notes.append(f"{out_path}: dropped its torn last line (left by a crash)")
-    # 3. The model, before any file is touched.
-    captioner = None
-    if todo:
-        captioner = model if isinstance(model, Captioner) else None
-        if captioner is None:
-            captioner = Captioner.from_pretrained(
-                model, device=device, trust_remote_code=trust_remote_code, dtype=dtype, int8=int8
-            )
-    writer = _open_writer(out_path, sidecar, resume, previous, todo, stdout)
-    try:
-        for image in clashes:
-            _report(summary, writer, {"image": image, "error": collided[image]})
-        if captioner is None:
-            return summary
-        # 4. Caption batch by batch; each row is written as soon as its batch is done.
-        with progress_bar(len(todo), "captioning", enabled=progress) as advance:
-            results = captioner.caption_iter(
-                todo, decoding, batch_size=batch_size, progress=advance
-            )
-            for i, result in results:
-                row = _row(todo[i], result, sidecar, targets.get(todo[i]))
-                _report(summary, writer, row)
-    finally:
-        if writer:
-            writer.close()
-    return summary
+    summary.notes += [f"{p}: dropped its torn last line (left by a crash)" for p in previous.torn]
+    return _Plan(output, previous, todo, clashes, targets, summary)
 
 
-def _report(summary: CaptionSummary, writer: _Writer | None, row: dict[str, Any]) -> None:
-    if "error" in row:
-        summary.failed.append((row["image"], row["error"]))
-    else:
-        summary.captioned += 1
-    if writer:
-        writer.write(row)
-
-
-def _open_writer(
-    out_path: Path | None,
-    sidecar: bool,
-    resume: bool,
-    previous: PreviousRows,
-    todo: list[str],
-    stdout: IO[str] | None,
-) -> _Writer | None:
-    if out_path is None:
-        return None if sidecar else _Writer.to_stdout(stdout or sys.stdout)
-    if resume and os.path.lexists(out_path):
-        return _Writer.append(out_path, previous, retry=previous.errors & set(todo))
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CaptionerError(f"{out_path}: cannot write ({_why(err)})") from None
-    return _Writer.create(out_path)
-
-
-def _output_path(
-    output: str | os.PathLike | None,
-    skip_existing: bool,
-    overwrite: bool,
-    resume: bool,
-    retry_errors: bool = False,
-) -> Path | None:
-    if skip_existing and overwrite:
-        raise CaptionerError("--skip_existing and --overwrite contradict each other; pick one")
-    if resume and overwrite:
-        raise CaptionerError("--resume and --overwrite contradict each other; pick one")
-    if resume and output is None:
-        raise CaptionerError("--resume needs --output FILE (it skips images already in it)")
-    if retry_errors and not resume:
-        raise CaptionerError("--retry_errors goes with --resume (it retries the error rows)")
-    out_path = Path(output) if output is not None else None
-    if out_path is not None and out_path.suffix.lower() not in (".jsonl", ".csv"):
-        raise CaptionerError(f"{out_path}: --output must end in .jsonl or .csv")
-    if out_path is not None and os.path.lexists(out_path) and not (resume or overwrite):
+def _output(options: CaptionOptions) -> RowsFile | ShardFolder | None:
+    if options.output is None:
+        return None
+    output = output_for(options.output, options.batch_size or DEFAULT_ROWS_PER_SHARD)
+    if output.exists() and not (options.resume or options.overwrite):
         raise CaptionerError(
-            f"{out_path} already exists: pass --resume to continue it or --overwrite to replace it"
+            f"{output.path} already holds caption rows: pass --resume to continue it or "
+            "--overwrite to replace it"
         )
-    if out_path is not None:
-        _check_writable_folder(out_path)
-    return out_path
-
-
-def _check_writable_folder(out_path: Path) -> None:
-    """Fail before the model loads when the output's folder cannot be made or written."""
-    folder = out_path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise CaptionerError(f"{out_path}: cannot write (no writable folder at {folder})")
+    check_writable(output.path)
+    return output
 
 
 def _sidecar_targets(
-    images: list[str], extension: str, on_collision: str, sidecar: bool
+    images: list[str], options: CaptionOptions
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Each local image's sidecar path, and {image: reason} for images that share one."""
-    if not sidecar:
+    if not options.sidecar:
         return {}, {}
+    extension = options.caption_extension
     by_target: dict[str, list[str]] = {}
     for image in images:
         if not is_url(image):
@@ -403,7 +303,7 @@ def _sidecar_targets(
     for group in by_target.values():
         if len(group) < 2:
             continue
-        if on_collision == "full_name":
+        if options.on_collision == "full_name":
             for image in group:
                 targets[image] = Path(image + extension)
             continue
@@ -422,25 +322,52 @@ def _not_done(
     done: set[str],
     targets: dict[str, Path],
     collided: dict[str, str],
-    skip_existing: bool,
-    overwrite: bool,
+    options: CaptionOptions,
 ) -> list[str]:
     todo = [im for im in images if im not in done]
     existing = [im for im in todo if im in targets and im not in collided]
     existing = [im for im in existing if os.path.lexists(targets[im])]
-    if existing and not (skip_existing or overwrite):
+    if existing and not (options.skip_existing or options.overwrite):
         raise CaptionerError(
             f"{len(existing)} caption file(s) already exist (e.g. {targets[existing[0]]}): "
             "pass --skip_existing to keep them or --overwrite to replace them"
         )
-    if skip_existing:
+    if options.skip_existing:
         keep = set(existing)
         todo = [im for im in todo if im not in keep]
     return todo
 
 
-def _row(image: str, result: Any, sidecar: bool, target: Path | None) -> dict[str, Any]:
-    """The output row of one image; writes its sidecar file (at `target`) when asked."""
+# ---- 2. the executor ----
+
+
+def _execute(options: CaptionOptions, todo: list[str], work: Work, advance: Any) -> Results:
+    if options.engine == "local":
+        from captioner.jobs.executors.local import caption_here
+
+        return caption_here(todo, work, advance)
+    try:
+        from captioner.jobs.executors.ray import caption_on_ray
+    except ImportError as err:
+        raise CaptionerError(
+            f"--engine ray needs the ray extra ({err.name} is missing): "
+            "pip install 'captioner[ray]'"
+        ) from None
+    return caption_on_ray(
+        todo,
+        work,
+        advance,
+        address=options.ray_address,
+        num_workers=options.num_workers,
+        gpus_per_worker=options.gpus_per_worker,
+    )
+
+
+# ---- 3. rows, sidecars, the summary ----
+
+
+def result_row(image: str, result: Any, sidecar: bool, target: Path | None) -> dict[str, Any]:
+    """The output row of one image's result; writes its sidecar file (at `target`) when asked."""
     row: dict[str, Any] = {"image": image}
     if isinstance(result, Exception):
         row["error"] = getattr(result, "reason", str(result))
@@ -454,70 +381,59 @@ def _row(image: str, result: Any, sidecar: bool, target: Path | None) -> dict[st
         try:
             write_text_atomic(target, row["caption"] + "\n")
         except OSError as err:  # read-only folder, full disk: this image failed
-            row["error"] = f"cannot write caption file: {_why(err)}"
+            row["error"] = f"cannot write caption file: {err.strerror or err}"
     return row
 
 
-# ---- small file helpers ----
+def _report(summary: CaptionSummary, writer: RowWriter | None, row: dict[str, Any]) -> None:
+    summary.add(row)
+    if writer is not None:
+        writer.write(row)
 
 
-def _mkstemp_beside(path: Path) -> tuple[int, str]:
-    """A new, private temp file in `path`'s folder (O_EXCL: never an existing file or link),
-    given the permissions a plain new file would get."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, 0o666 & ~_umask())
-    return fd, tmp
+def _open_writer(plan: _Plan, options: CaptionOptions, stdout: IO[str] | None) -> RowWriter | None:
+    if plan.output is None:
+        return None if options.sidecar else stream_writer(stdout or sys.stdout)
+    retry = plan.previous.errors & set(plan.todo)
+    return plan.output.open(options.resume, plan.previous, retry)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+# ---- input lists ----
 
 
-def _text(fd: int) -> IO[str]:
-    return open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")  # noqa: SIM115
+def _listed(lines: list[str]) -> list[str]:
+    return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
 
 
-def _rewrite_without(output: Path, drop: set[str]) -> None:
-    """Rewrite `output` without its torn last line and without the rows of `drop`'s images."""
-    data = _read_regular(output)
-    data = data[: data.rfind(b"\n") + 1]
-    text = data.decode("utf-8", errors="surrogateescape")
-    if _is_csv(output):
-        lines = io.StringIO(text, newline="")
-        rows = [r for r in csv.DictReader(lines) if r.get("image") not in drop]
-        buf = io.StringIO(newline="")
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        text = buf.getvalue()
-    else:
-        keep = [
-            line
-            for line in text.splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("image") not in drop
-        ]
-        text = "".join(keep)
+def _stream_lines(stream: IO[str]) -> list[str]:
+    """Lines of a list of paths; bytes that are not UTF-8 become the same surrogate escapes the
+    OS's own listings use, so such a name still opens."""
+    raw = getattr(stream, "buffer", None)
+    if raw is not None:
+        return [os.fsdecode(line) for line in raw.read().splitlines()]
+    return stream.read().splitlines()
+
+
+def _file_lines(path: str) -> list[str]:
     try:
-        write_text_atomic(output, text)
+        with open(path, "rb") as f:
+            return [os.fsdecode(line) for line in f.read().splitlines()]
     except OSError as err:
-        raise CaptionerError(f"{output}: cannot rewrite ({_why(err)})") from None
+        raise CaptionerError(f"@{path}: cannot read the list ({err.strerror or err})") from None
 
 
-def _discard(tmp: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
+def _manifest_images(path: Path) -> list[str]:
+    """The `image` column of a Parquet/JSONL manifest; relative names are beside the manifest."""
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
 
-
-def _is_csv(path: Path) -> bool:
-    return path.suffix.lower() == ".csv"
-
-
-def _is_regular(info: os.stat_result) -> bool:
-    return stat.S_ISREG(info.st_mode)
-
-
-def _why(err: OSError) -> str:
-    return err.strerror or str(err)
+            images = [str(v) for v in pq.read_table(path, columns=["image"])["image"].to_pylist()]
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            images = [str(json.loads(line)["image"]) for line in lines if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CaptionerError(
+            f"{path}: not a manifest with an image column ({type(err).__name__}: {err})"
+        ) from None
+    return [im if is_url(im) or Path(im).is_absolute() else str(path.parent / im) for im in images]

@@ -29,6 +29,7 @@ from captioner.evaluation.evaluate import EvalResult, evaluate, teacher_forced_w
 from captioner.evaluation.report import write_eval_report
 from captioner.jobs.progress import progress_bar
 from captioner.models.build import training_options
+from captioner.options import LoadOptions
 
 # `--split all`: every row of the source, whatever its splits (a folder meant as a test set).
 ALL_SPLITS = "all"
@@ -48,9 +49,7 @@ class EvalJob:
     output_dir: str | None = None
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     batch_size: int | None = None
-    trust_remote_code: bool = False
-    dtype: str = "float32"
-    int8: bool = False
+    load: LoadOptions = field(default_factory=LoadOptions)  # device, dtype, int8, remote code
 
 
 def split_options(model: str, given: dict[str, Any]) -> tuple[DataArguments, int]:
@@ -120,9 +119,7 @@ def run_eval(job: EvalJob) -> tuple[list[EvalResult], dict[str, float] | None]:
     # 2. Caption and score with each model in turn (one in memory at a time).
     results, teacher_forced = [], {} if job.teacher_forced else None
     for name in [job.model] + ([job.compare] if job.compare else []):
-        captioner = Captioner.from_pretrained(
-            name, trust_remote_code=job.trust_remote_code, dtype=job.dtype, int8=job.int8
-        )
+        captioner = Captioner.from_pretrained(name, job.load)
         total = len(first_rows(dataset, max_samples))
         with progress_bar(total, f"evaluating {name}") as advance:
             result = evaluate(

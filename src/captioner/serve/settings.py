@@ -25,8 +25,9 @@ DEFAULT_MAX_DECODED_BYTES = 1024**3
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the form's own bytes beside max_files full uploads
 
 
-def _setting(default: Any, help: str):
-    return field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, **flag: Any):
+    """A field with its flag's help (and `envvar` etc.: what the CLI's flag generator reads)."""
+    return field(default=default, metadata={"help": help, **flag})
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class ServerSettings:
     body_timeout_s: float = _setting(60.0, "Seconds for a whole request body, first to last byte.")
     idle_timeout_s: float = _setting(15.0, "Longest pause, in seconds, between two body chunks.")
     api_key: str | None = _setting(
-        None, "Require this key in X-API-Key (or Authorization: Bearer) on POST routes."
+        None,
+        "Require this key in X-API-Key (or Authorization: Bearer) on POST routes.",
+        envvar="CAPTIONER_API_KEY",
     )
     allow_url_fetch: bool = _setting(
         False, "Fetch JSON http(s) URLs (public addresses only); off: data: URLs only."
