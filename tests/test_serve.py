@@ -304,7 +304,6 @@ def test_broken_image_is_422():
         {"json": {"url": "data:image/png;base64,AAAA", "num_beams": "two"}},
         {"json": {"url": "file:///etc/passwd"}},
         {"json": {"url": "data:image/png;base64,@@@"}},
-        {"content": b"{not json", "headers": {"content-type": "application/json"}},
     ],
 )
 def test_malformed_requests_are_422(kwargs):
@@ -314,6 +313,19 @@ def test_malformed_requests_are_422(kwargs):
     assert r.status_code == 422, r.text
     assert isinstance(r.json()["detail"], str) and r.json()["detail"]
     assert fake.calls == []  # rejected before reaching the model
+
+
+def test_bytes_that_are_not_json_are_422_on_both_apis_alike():
+    """One JSON policy: the same fault gets the same status and reason on every route."""
+    headers = {"content-type": "application/json"}
+    fake = FakeCaptioner()
+    with client_for(fake) as client:
+        own = client.post("/caption", content=b"{not json", headers=headers)
+        chat = client.post("/v1/chat/completions", content=b"{not json", headers=headers)
+    assert own.status_code == chat.status_code == 422, (own.text, chat.text)
+    assert own.json()["detail"] == chat.json()["error"]["message"]
+    assert own.json()["detail"].startswith("malformed JSON body")
+    assert fake.calls == []
 
 
 # ---- settings ----

@@ -9,28 +9,37 @@ spreads one forward pass over every core, and two concurrent passes would only f
 Images arrive here already decoded, so a bad upload is rejected before it can join a batch.
 A request's images are queued all or none (`submit_many`): when they do not all fit, nothing is
 queued and the caller answers 503 at once. A job whose caller has gone away (its future was
-cancelled) is dropped before it reaches `generate`.
+cancelled) is dropped before it reaches `generate`, and one that goes away during `generate`
+has its row stopped there (the engine asks `cancelled` at every step).
+
+Streaming (`submit_stream`): the caption function is given a listener (`_Relay`) that the
+engine tells each image's new text at every decoding step, from the worker thread; the relay
+hands it to the image's `Stream` on the event loop. Streamed and plain requests share batches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from captioner.decoding import DecodingOptions
+from captioner.serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-# fn(images, decoding) -> one caption per image, in order (a caption is a list of strings when
-# decoding.num_return_sequences > 1).
+# fn(images, decoding[, listener]) -> one caption per image, in order (a caption is a list of
+# strings when decoding.num_return_sequences > 1). A fn with a third parameter gets the
+# `engine.StreamListener` of the batch (`_Relay`).
 Caption = str | list[str]
-CaptionFn = Callable[[list[Any], DecodingOptions], list[Caption]]
+CaptionFn = Callable[..., list[Caption]]
+DEFAULTS = ServerSettings()  # the limits' one default each
 
 
 class QueueFullError(Exception):
@@ -42,6 +51,34 @@ class _Job:
     image: Any
     decoding: DecodingOptions
     future: asyncio.Future = field(repr=False)
+    events: asyncio.Queue | None = field(default=None, repr=False)  # a streamed job's
+    forwarded: int = 0  # characters of text already streamed (a retried batch repeats them)
+    told: bool = False  # its last event has been queued
+
+
+class Stream:
+    """One image's caption as it is generated: `async for text in stream` gives the new text,
+    then `stream.caption` is the whole caption (the pieces join to it). `cancel()` (the client
+    left) drops the image before `generate`, or stops its row there."""
+
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+        self.caption: Caption | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        assert self._job.events is not None
+        while True:
+            kind, value = await self._job.events.get()
+            if kind == "text":
+                yield value
+            elif isinstance(value, BaseException):
+                raise value
+            else:
+                self.caption = value
+                return
+
+    def cancel(self) -> None:
+        self._job.future.cancel()
 
 
 @dataclass
@@ -66,15 +103,16 @@ class Batcher:
         self,
         fn: CaptionFn,
         *,
-        max_batch_size: int = 8,
-        max_wait_ms: float = 5.0,
-        max_queue: int = 1024,
+        max_batch_size: int = DEFAULTS.max_batch_size,
+        max_wait_ms: float = DEFAULTS.max_wait_ms,
+        max_queue: int = DEFAULTS.max_queue,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
         self.fn = fn
+        self.listens = len(inspect.signature(fn).parameters) >= 3
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
@@ -98,9 +136,7 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         while self._queue is not None and not self._queue.empty():
-            job = self._queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("server is shutting down"))
+            _fail(self._queue.get_nowait(), RuntimeError("server is shutting down"))
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._task = self._queue = self._executor = None
@@ -151,6 +187,18 @@ class Batcher:
                 future.cancel()
             raise
 
+    def submit_stream(self, image: Any, decoding: DecodingOptions | None = None) -> Stream:
+        """Queue one decoded image for a streamed caption (QueueFullError when there is no
+        room); iterate the `Stream` for its text."""
+        if self._queue is None:
+            raise RuntimeError("Batcher.start() was not called (run the app with its lifespan)")
+        if not self.has_room(1):
+            raise QueueFullError(f"{self._queue.qsize()} images are waiting")
+        job = _Job(image, decoding or DecodingOptions(), asyncio.get_running_loop().create_future())
+        job.events = asyncio.Queue()
+        self._queue.put_nowait(job)
+        return Stream(job)
+
     async def _collect(self) -> list[_Job]:
         """Wait for one job, then take more until the batch is full or the wait is over."""
         assert self._queue is not None
@@ -185,8 +233,7 @@ class Batcher:
                 except Exception as err:  # never let the one worker die: every later request
                     log.exception("batch worker error")  # would wait forever
                     for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(err)
+                        _fail(job, err)
 
     async def _run(self, jobs: list[_Job]) -> None:
         """Caption one group in the worker thread and resolve its futures; never raises."""
@@ -198,8 +245,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         images, decoding = [j.image for j in jobs], jobs[0].decoding
         start = time.perf_counter()
+        args = (images, decoding, _Relay(jobs, loop)) if self.listens else (images, decoding)
         try:
-            captions = await loop.run_in_executor(self._executor, self.fn, images, decoding)
+            captions = await loop.run_in_executor(self._executor, self.fn, *args)
             if len(captions) != len(jobs):
                 raise RuntimeError(f"caption fn returned {len(captions)} for {len(jobs)} images")
         except Exception as err:
@@ -211,8 +259,7 @@ class Batcher:
                     await self._run([job])
                 return
             log.exception("captioning failed")
-            if not jobs[0].future.done():
-                jobs[0].future.set_exception(err)
+            _fail(jobs[0], err)
             return
         self.stats.busy_s += time.perf_counter() - start
         self.stats.batches += 1
@@ -221,3 +268,44 @@ class Batcher:
         for job, caption in zip(jobs, captions, strict=True):
             if not job.future.done():
                 job.future.set_result(caption)
+            _tell(job, "done", caption)
+
+
+def _tell(job: _Job, kind: str, value: Any) -> None:
+    """A streamed job's last event (its caption, or what failed it), once."""
+    if job.events is not None and not job.told:
+        job.told = True
+        job.events.put_nowait((kind, value))
+
+
+def _fail(job: _Job, err: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(err)
+    _tell(job, "error", err)
+
+
+class _Relay:
+    """The `engine.StreamListener` of one batch, called from the worker thread: text goes to
+    the streamed jobs' queues on the event loop; a job whose caller left is `cancelled`."""
+
+    def __init__(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
+        self.jobs, self.loop = jobs, loop
+        self.seen = [""] * len(jobs)
+
+    def wants_text(self, index: int) -> bool:
+        return self.jobs[index].events is not None and not self.jobs[index].future.done()
+
+    def cancelled(self, index: int) -> bool:
+        return self.jobs[index].future.done()  # nothing resolves a job while its batch runs
+
+    def text(self, index: int, delta: str) -> None:
+        job = self.jobs[index]
+        self.seen[index] += delta
+        new = self.seen[index][job.forwarded :]  # a batch retried alone says it all again
+        if new and job.events is not None:
+            job.forwarded += len(new)
+            self.loop.call_soon_threadsafe(job.events.put_nowait, ("text", new))
+
+    def done(self, index: int, caption: Any) -> None:
+        # the row ended before its batch: its caller may answer now
+        self.loop.call_soon_threadsafe(_tell, self.jobs[index], "done", caption)

@@ -19,46 +19,48 @@ earlier turns) cannot steer a captioner and is not used. `stop` cuts the caption
 generation. Other parameters are accepted only at their neutral value (a 400 names the first one
 that is not).
 
-Streaming is honest about what it is: the caption is generated through the same batcher as
-`/caption` (so streamed and plain answers are the same caption), then sent as one chunk per
-token (the tokenizer's pieces of it). The first chunk therefore arrives when the whole caption
-is ready; what streaming buys here is compatibility, not a lower time to first token.
+Streaming sends each piece of the caption as the model writes it, while the request shares its
+batch with others (`Pipeline.stream`): the first piece leaves after the first decoding steps,
+not after the caption. The pieces join to the plain answer's caption; `usage` counts the
+generated tokens and `finish_reason` says why that caption stopped. With `stop` strings or
+`n` > 1 the captions are made whole first and then sent piece by piece (a stop string must be
+seen before any text after it may leave).
 
 Limits, the API key (`Authorization: Bearer`), the memory budget, URL policy and dynamic batching
 are those of `/caption`: this module parses and answers; every step that reads, decodes or
-captions an image is the server's `Pipeline` (serve/app.py). Every error is OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad input.
+captions an image is the server's `Pipeline` (serve/pipeline.py); the body is read under the
+server's one JSON policy (serve/body.py). Every error is OpenAI's shape `{"error": {"message",
+"type", "param", "code"}}` with a 4xx status for bad input.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from PIL import Image
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from captioner.data.fetch import is_data_url
 from captioner.decoding import BOUNDS, DecodingOptions
 from captioner.errors import CaptionerError
+from captioner.serve import body
+from captioner.serve.body import loads
+from captioner.serve.errors import HTTPError
+from captioner.serve.pipeline import Pipeline, Upload, sse, sse_response, streamed
+from captioner.serve.schemas import chat_openapi
 
 PREFIX = "/v1/"
 # Parameters a client may send with any value: they only label the request.
 IGNORED = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls"})
 MAX_STOP = 4
 MAX_MESSAGES = 64
-# What parsing a JSON body may hold beyond its bytes: Python objects per bracket, comma or colon
-# (an empty dict is 64 bytes plus its list slot, for 3 bytes of `{},`).
-PARSED_BYTES_PER_ELEMENT = 80
 # (type, code) of an error answer by status, where the raiser gives no code of its own.
 ERROR_KINDS = {
     400: ("invalid_request_error", None),
@@ -72,53 +74,6 @@ ERROR_KINDS = {
     422: ("invalid_request_error", "invalid_image"),
     503: ("server_error", "server_busy"),
 }
-
-
-class Hold(Protocol):
-    """One request's share of the server's memory budget."""
-
-    def take(self, n: int, name: str, what: str) -> None: ...
-
-
-class Pipeline(Protocol):
-    """The server's steps from a request to its captions (serve/app.py), shared with /caption.
-
-    Each raises the server's own rejection (a 4xx/503 answer) on failure; the app answers it in
-    OpenAI's shape on this module's paths."""
-
-    model_name: str
-    max_image_json_bytes: int  # the largest JSON body: one full-size image as a data: URL
-    max_json_bytes: int  # the rest of a JSON body, besides that image
-
-    def check_key(self, request: Request) -> None: ...
-
-    def check_room(self, n: int) -> None: ...
-
-    def hold(self) -> AbstractContextManager[Hold]: ...
-
-    async def read_body(self, request: Request, limit: int, hold: Hold) -> bytes: ...
-
-    async def download(self, url: str, name: str, hold: Hold) -> bytes: ...
-
-    async def decode(self, named: Sequence[tuple[str, bytes]], hold: Hold) -> list[Image.Image]: ...
-
-    async def caption(
-        self,
-        request: Request,
-        images: list[Image.Image],
-        decoding: DecodingOptions,
-        names: Sequence[str],
-    ) -> list[Any]: ...
-
-
-class OpenAIError(Exception):
-    """A request answered with OpenAI's error shape."""
-
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 @dataclass
@@ -138,10 +93,6 @@ class ChatRequest:
         return self.url if len(self.url) <= 80 else self.url[:77] + "..."
 
 
-def is_openai_path(path: str) -> bool:
-    return path.startswith(PREFIX)
-
-
 def error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -153,108 +104,113 @@ def error_body(
     }
 
 
-def error_response(
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status, headers=headers)
+def _refused(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> HTTPError:
+    return HTTPError(status, message, param=param, code=code)
 
 
-def add_routes(
-    app: FastAPI,
+def error_shape(err: HTTPError) -> dict[str, Any]:
+    return error_body(err.status, err.message, err.param, err.code)
+
+
+def router(
     pipeline: Pipeline,
     tokenizer: Any = None,
     max_new_tokens: Callable[[DecodingOptions], int] | None = None,
-) -> None:
-    """Register the /v1 routes on `app`. `tokenizer` (the model's, when it has one) cuts
-    streamed captions into token pieces and counts usage; without one, words are the pieces.
-    `max_new_tokens(decoding)` is the limit the captions really ran with (the engine clamps
-    it to the model's positions): a caption that reached it finished for "length"."""
+) -> APIRouter:
+    """The /v1 routes. `tokenizer` (the model's, when it has one) cuts captions that were not
+    streamed into token pieces and counts usage for captioners that do not count; without one,
+    words are the pieces. `max_new_tokens(decoding)` is the limit the captions really ran
+    with (the engine clamps it to the model's positions): a caption that reached it finished
+    for "length"."""
+    api = APIRouter(prefix=PREFIX.rstrip("/"))
     created = int(time.time())
-    app.add_exception_handler(OpenAIError, _answer_error)
+    settings = pipeline.settings
+    model = settings.model_name
 
-    @app.get("/v1/models")
+    @api.get("/models")
     async def list_models(request: Request) -> dict[str, Any]:
         pipeline.check_key(request)
-        return {"object": "list", "data": [_model_card(pipeline.model_name, created)]}
+        return {"object": "list", "data": [_model_card(model, created)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @api.get("/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         pipeline.check_key(request)
-        if model_id != pipeline.model_name:
-            raise OpenAIError(404, f"model '{model_id}' not found", "model", "model_not_found")
-        return _model_card(pipeline.model_name, created)
+        if model_id != model:
+            raise _refused(404, f"model '{model_id}' not found", "model", "model_not_found")
+        return _model_card(model, created)
 
-    @app.post("/v1/chat/completions", openapi_extra=_chat_openapi())
+    @api.post("/chat/completions", openapi_extra=chat_openapi())
     async def chat_completions(request: Request) -> Any:
         pipeline.check_key(request)
         pipeline.check_room(1)
-        with pipeline.hold() as hold:
-            raw = await pipeline.read_body(request, pipeline.max_image_json_bytes, hold)
-            # parsed in a worker thread, its memory reserved first: the event loop (and
-            # /health) never waits for a parser
-            chat = await run_in_threadpool(
-                parse_held, raw, pipeline.model_name, hold, pipeline.max_json_bytes
-            )
-            del raw
-            data = await pipeline.download(chat.url, chat.image_name, hold)
-            images = await pipeline.decode([(chat.image_name, data)], hold)
+        with contextlib.ExitStack() as resources:
+            hold = resources.enter_context(pipeline.hold())
+            chat = await body.read_json(
+                request, hold, settings.max_image_json_bytes, settings.max_json_bytes,
+                lambda raw: parse_chat(raw, model),  # looked up per call: tests spy on it
+            )  # fmt: skip
+            data = await pipeline.download(chat.url, hold, chat.image_name)
+            images = await pipeline.decode([Upload("url", chat.image_name, data)], hold)
+            if chat.stream and not chat.stop and chat.decoding.num_return_sequences == 1:
+                stream = pipeline.stream(images[0], chat.decoding)
+                events = streamed(stream, chat.image_name, resources.pop_all())
+                return sse_response(_streamed(events, model, chat, tokenizer, max_new_tokens))
             [result] = await pipeline.caption(request, images, chat.decoding, [chat.image_name])
         captions = result if isinstance(result, list) else [result]
         answer = await run_in_threadpool(
-            _Answer.build, pipeline.model_name, chat, captions, tokenizer, max_new_tokens
+            _Answer.build, model, chat, captions, tokenizer, max_new_tokens
         )
         if chat.stream:
             pieces = await run_in_threadpool(
                 lambda: [token_pieces(c, tokenizer) for c in answer.captions]
             )
-            return StreamingResponse(
-                answer.events(pieces),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return sse_response(answer.events(pieces))
         return answer.completion()
+
+    return api
+
+
+async def _streamed(
+    events: AsyncIterator[tuple[str, Any]], model: str, chat: ChatRequest, tokenizer: Any,
+    max_new_tokens: Callable[[DecodingOptions], int] | None,
+) -> AsyncIterator[bytes]:  # fmt: skip
+    """One caption's chunks as the batcher streams it, then its finish reason and usage."""
+    head = _Answer(model, chat, [""], [0], ["stop"], 0)
+    yield head.chunk(0, {"role": "assistant", "content": ""})
+    sent = ""
+    async for kind, value in events:
+        if kind == "text":
+            sent += value
+            yield head.chunk(0, {"content": value})
+        elif kind == "error":  # the status line has gone: OpenAI's clients raise on this
+            yield sse(error_shape(value))
+        else:
+            answer = await run_in_threadpool(
+                _Answer.build, model, chat, [value], tokenizer, max_new_tokens
+            )
+            answer.id, answer.created = head.id, head.created
+            # a captioner that does not stream: its whole caption, piece by piece, at the end
+            rest = await run_in_threadpool(token_pieces, answer.captions[0][len(sent) :], tokenizer)
+            async for chunk in answer.events([rest], role=False):
+                yield chunk
 
 
 # ---- the request ----
 
 
-def parse_held(raw: bytes, model_name: str, hold: Hold, max_elements: int) -> ChatRequest:
-    """`parse_chat`, after reserving in `hold` what parsing holds beyond the bytes and the text
-    `read_body` reserved: the parsed values (at most the body again, the image's data: URL
-    above all) and `PARSED_BYTES_PER_ELEMENT` per bracket, comma and colon (a 13 MB
-    `[{},{},...]` body would become 300 MB of objects). A body whose structure is larger than
-    `max_elements` (the JSON beside the one image: base64 has no brackets, commas or colons) is
-    refused unparsed (413)."""
-    elements = sum(raw.count(c) for c in (b"{", b"[", b",", b":"))
-    if elements > max_elements:
-        raise OpenAIError(
-            413,
-            f"JSON body with {elements:,} brackets, commas and colons: at most {max_elements:,} "
-            "beside the image",
-        )
-    hold.take(len(raw) + PARSED_BYTES_PER_ELEMENT * elements, "request", "parsing its JSON")
-    return parse_chat(raw, model_name)
-
-
 def parse_chat(raw: bytes, model_name: str) -> ChatRequest:
     """The JSON body of POST /v1/chat/completions -> a ChatRequest, or OpenAIError (400, or 404
     for another model)."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError too
-        raise OpenAIError(400, f"malformed JSON body: {type(err).__name__}") from None
+    body = loads(raw)
     if not isinstance(body, dict):
-        raise OpenAIError(400, "the JSON body must be an object")
+        raise _refused(400, "the JSON body must be an object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise OpenAIError(400, "model: required (GET /v1/models lists it)", "model")
+        raise _refused(400, "model: required (GET /v1/models lists it)", "model")
     if model != model_name:
-        raise OpenAIError(
+        raise _refused(
             404,
             f"model '{model[:100]}' not found: this server serves '{model_name}'",
             "model",
@@ -281,14 +237,14 @@ def _optional(body: dict, name: str, kind: type, default: Any) -> Any:
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise OpenAIError(400, f"{name}: expected {kind.__name__}, got {str(value)[:50]}", name)
+        raise _refused(400, f"{name}: expected {kind.__name__}, got {str(value)[:50]}", name)
     return float(value) if kind is float else value
 
 
 def _in_range(name: str, value: Any, low: float, high: float, open_low: bool = False) -> None:
     if value is not None and not ((value > low if open_low else value >= low) and value <= high):
         lower = ">" if open_low else ">="
-        raise OpenAIError(400, f"{name} must be {lower} {low:g} and <= {high:g}, got {value}", name)
+        raise _refused(400, f"{name} must be {lower} {low:g} and <= {high:g}, got {value}", name)
 
 
 def _check_unsupported(body: dict) -> None:
@@ -301,7 +257,7 @@ def _check_unsupported(body: dict) -> None:
             continue
         if name == "response_format" and value == {"type": "text"}:
             continue
-        raise OpenAIError(
+        raise _refused(
             400, f"unsupported parameter: {name[:60]} (a captioner cannot honour it)", name[:60]
         )
 
@@ -309,25 +265,25 @@ def _check_unsupported(body: dict) -> None:
 def _image_and_prompt(messages: Any) -> tuple[str, str | None]:
     """The one image URL among the user messages, and the text beside it (the prompt)."""
     if not isinstance(messages, list) or not messages:
-        raise OpenAIError(400, "messages: required, a non-empty list", "messages")
+        raise _refused(400, "messages: required, a non-empty list", "messages")
     if len(messages) > MAX_MESSAGES:
-        raise OpenAIError(400, f"messages: at most {MAX_MESSAGES}", "messages")
+        raise _refused(400, f"messages: at most {MAX_MESSAGES}", "messages")
     found: list[tuple[str, list[str]]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise OpenAIError(400, f"{where}: must be an object with a role", "messages")
+            raise _refused(400, f"{where}: must be an object with a role", "messages")
         content = message.get("content")
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, list):
-            raise OpenAIError(400, f"{where}.content: a string or a list of parts", "messages")
+            raise _refused(400, f"{where}.content: a string or a list of parts", "messages")
         urls, texts = _parts(content, where)
         if urls and message["role"] != "user":
-            raise OpenAIError(400, f"{where}: images belong in user messages", "messages")
+            raise _refused(400, f"{where}: images belong in user messages", "messages")
         found += [(url, texts) for url in urls]
     if not found:
-        raise OpenAIError(
+        raise _refused(
             400,
             'no image: add a user content part {"type": "image_url", "image_url": {"url": '
             '"data:image/...;base64,..."}}',
@@ -335,7 +291,7 @@ def _image_and_prompt(messages: Any) -> tuple[str, str | None]:
             "missing_image",
         )
     if len(found) > 1:
-        raise OpenAIError(
+        raise _refused(
             400, f"{len(found)} images: one image per request", "messages", "too_many_images"
         )
     url, texts = found[0]
@@ -353,10 +309,10 @@ def _parts(content: list, where: str) -> tuple[list[str], list[str]]:
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str) or not url:
-                raise OpenAIError(400, f"{where}.content[{j}].image_url.url: required", "messages")
+                raise _refused(400, f"{where}.content[{j}].image_url.url: required", "messages")
             urls.append(_check_url(url))
         else:
-            raise OpenAIError(
+            raise _refused(
                 400,
                 f"{where}.content[{j}]: unsupported part (use text and image_url parts)",
                 "messages",
@@ -369,7 +325,7 @@ def _check_url(url: str) -> str:
     if is_data_url(url):
         media = url[5:].split(",", 1)[0].split(";", 1)[0].strip().lower()
         if not media.startswith("image/"):
-            raise OpenAIError(
+            raise _refused(
                 415,
                 f"image_url: a data: URL of '{media[:40] or 'no type'}', not an image "
                 "(data:image/png;base64,...)",
@@ -386,7 +342,7 @@ def _decoding(body: dict, prompt: str | None) -> DecodingOptions:
         value = _optional(body, name, int, None)
         _in_range(name, value, 1, BOUNDS["max_new_tokens"][1])
         if value is not None and max_tokens is not None and value != max_tokens:
-            raise OpenAIError(
+            raise _refused(
                 400, f"max_tokens ({max_tokens}) and {name} ({value}) disagree: send one", name
             )
         max_tokens = value if value is not None else max_tokens
@@ -395,7 +351,7 @@ def _decoding(body: dict, prompt: str | None) -> DecodingOptions:
     n = _optional(body, "n", int, 1)
     low, high, _ = BOUNDS["temperature"]
     if temperature is not None and temperature != 0 and not low <= temperature <= high:
-        raise OpenAIError(
+        raise _refused(
             400,
             f"temperature must be 0 (greedy) or >= {low:g} and <= {high:g}, got {temperature}",
             "temperature",
@@ -420,7 +376,7 @@ def _decoding(body: dict, prompt: str | None) -> DecodingOptions:
     try:
         return DecodingOptions(**options)
     except CaptionerError as err:  # what is left to fail is the prompt (the text part)
-        raise OpenAIError(400, str(err).replace("--prompt", "prompt text"), "messages") from None
+        raise _refused(400, str(err).replace("--prompt", "prompt text"), "messages") from None
 
 
 def _stop(body: dict) -> list[str]:
@@ -429,9 +385,9 @@ def _stop(body: dict) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise OpenAIError(400, "stop: a string or a list of non-empty strings", "stop")
+        raise _refused(400, "stop: a string or a list of non-empty strings", "stop")
     if len(stops) > MAX_STOP:
-        raise OpenAIError(400, f"stop: at most {MAX_STOP} strings", "stop")
+        raise _refused(400, f"stop: at most {MAX_STOP} strings", "stop")
     return stops
 
 
@@ -560,15 +516,20 @@ class _Answer:
             "system_fingerprint": None,
         }
 
-    async def events(self, pieces: list[list[str]]) -> AsyncIterator[bytes]:
+    async def events(self, pieces: list[list[str]], role: bool = True) -> AsyncIterator[bytes]:
+        """The captions, cut in `pieces`, as chunks; their finish, usage and [DONE]."""
         for i, parts in enumerate(pieces):
-            yield self._chunk([self._delta(i, {"role": "assistant", "content": ""})])
+            if role:
+                yield self.chunk(i, {"role": "assistant", "content": ""})
             for part in parts:
-                yield self._chunk([self._delta(i, {"content": part})])
+                yield self.chunk(i, {"content": part})
             yield self._chunk([self._delta(i, {}, self.finish_reason(i))])
         if self.chat.include_usage:
             yield self._chunk([], usage=self.usage)
         yield b"data: [DONE]\n\n"
+
+    def chunk(self, i: int, delta: dict) -> bytes:
+        return self._chunk([self._delta(i, delta)])
 
     def _delta(self, i: int, delta: dict, finish: str | None = None) -> dict[str, Any]:
         return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -583,74 +544,8 @@ class _Answer:
         }
         if self.chat.include_usage:
             chunk["usage"] = usage
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        return sse(chunk)
 
 
 def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "captioner"}
-
-
-async def _answer_error(request: Request, err: OpenAIError) -> JSONResponse:
-    return error_response(err.status, err.message, param=err.param, code=err.code)
-
-
-def _chat_openapi() -> dict[str, Any]:
-    part = {
-        "type": "object",
-        "description": 'a {"type": "text", "text": ...} or {"type": "image_url", "image_url": '
-        '{"url": "data:image/...;base64,..."}} part',
-    }
-    message = {
-        "type": "object",
-        "required": ["role"],
-        "properties": {
-            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]},
-        },
-    }
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["model", "messages"],
-                        "properties": {
-                            "model": {"type": "string", "description": "GET /v1/models"},
-                            "messages": {"type": "array", "items": message},
-                            "max_tokens": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": BOUNDS["max_new_tokens"][1],
-                            },
-                            "temperature": {
-                                "type": "number",
-                                "minimum": 0,
-                                "maximum": BOUNDS["temperature"][1],
-                                "description": "0 or absent: greedy; > 0: sampled",
-                            },
-                            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                            "n": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": BOUNDS["num_beams"][1],
-                            },
-                            "stop": {"type": ["string", "array"]},
-                            "stream": {"type": "boolean"},
-                        },
-                    }
-                }
-            },
-        },
-        "responses": {
-            "400": {"description": "malformed request, no image, two images, bad option"},
-            "401": {"description": "missing or wrong API key (Authorization: Bearer)"},
-            "403": {"description": "an http(s) image URL, and this server does not fetch URLs"},
-            "404": {"description": "another model than the one served"},
-            "413": {"description": "image or body larger than the byte limit"},
-            "415": {"description": "not an image, or an unsupported format"},
-            "422": {"description": "too many pixels or a broken image"},
-            "503": {"description": "busy (queue or image memory full); see Retry-After"},
-        },
-    }

@@ -57,16 +57,11 @@ from captioner.data.review import (
     open_review,
 )
 from captioner.errors import BadImageError, CaptionerError
-from captioner.serve.app import (
-    Rejected,
-    RequestGuard,
-    ServerSettings,
-    check_key,
-    default_allowed_hosts,
-    error_response,
-    host_name,
-    uvicorn_options,
-)
+from captioner.serve.errors import HTTPError as Rejected
+from captioner.serve.errors import error_response
+from captioner.serve.guard import RequestGuard, default_allowed_hosts, host_name, uvicorn_options
+from captioner.serve.pipeline import check_key
+from captioner.serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
