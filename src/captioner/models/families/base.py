@@ -31,12 +31,13 @@ import torch
 import transformers
 
 from captioner.errors import CaptionerError
+from captioner.models.families.onnx_parts import OnnxParts
 from captioner.models.families.processors import load_processor
 
 log = logging.getLogger(__name__)
 
 IMAGE_TEXT_TO_TEXT = "AutoModelForImageTextToText"
-# Why BLIP and VisionEncoderDecoder are not exported: their exporter is optimum-onnx's.
+# Why BLIP is not exported: its exporter is optimum-onnx's.
 OPTIMUM_ONLY = (
     "its ONNX export lives in optimum-onnx, which needs transformers < 4.58 (captioner runs "
     "transformers 5)"
@@ -75,7 +76,9 @@ class Family:
     random_parts: ClassVar[tuple[str, ...]] = ()
     feature_cache: ClassVar[bool] = False
     onnx_export: ClassVar[bool] = False
-    onnx_refusal: ClassVar[str] = "captioner's ONNX exporter covers GIT only"
+    onnx_refusal: ClassVar[str] = (
+        "captioner's ONNX exporter covers GIT, VisionEncoderDecoder, LLaVA and chat models"
+    )
     # The guide's teacher-forced WER (input_ids as labels) applies.
     teacher_forced: ClassVar[bool] = False
 
@@ -126,6 +129,11 @@ class Family:
 
     def prompt(self, prompt: str | None) -> str | None:
         return prompt if prompt is not None else self.default_prompt
+
+    def onnx_parts(self, model: torch.nn.Module) -> OnnxParts:
+        """The modules the ONNX exporter turns into graphs (onnx_parts.py); GIT has its own
+        exporter, a family that cannot be exported refuses in one line."""
+        raise CaptionerError(f"cannot export a {self.name} model to ONNX: {self.onnx_refusal}")
 
     # ---- processor families: training and generation inputs ----
 

@@ -6,10 +6,15 @@ caption and the LM's eos, with loss on the caption and eos only."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from captioner.errors import CaptionerError
 from captioner.models.families.base import Family
+from captioner.models.families.onnx_parts import ImageFeatures, OnnxParts, image_token_id
+
+# What the Q-Former reads besides the pixels (InstructBLIP: the instruction).
+QFORMER_INPUTS = ("qformer_input_ids", "qformer_attention_mask")
 
 
 class Blip2Family(Family):
@@ -18,6 +23,15 @@ class Blip2Family(Family):
     model_types = ("blip-2", "instructblip")
     prompting = "query tokens from the Q-Former, then an optional text prompt; caption follows"
     vision_tower_paths = ("vision_model", "model.vision_model")
+    onnx_export = True
+
+    def onnx_parts(self, model) -> OnnxParts:
+        """The Q-Former's projected query tokens are the image features; the language model
+        (a decoder-only `*ForCausalLM`) runs on the embeddings."""
+        accepted = inspect.signature(model.get_image_features).parameters
+        names = ("pixel_values", *(n for n in QFORMER_INPUTS if n in accepted))
+        return OnnxParts("embeds", ImageFeatures(model, names), model.language_model, names,
+                         image_token_id(model.config))  # fmt: skip
 
     def load_model(self, name: str, **kwargs: Any):
         model = super().load_model(name, **kwargs)

@@ -10,11 +10,16 @@ text. This is what TRL's VLM SFT recipe does, with the template's own tokens."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+from captioner.errors import CaptionerError
 from captioner.models.families.base import Family, end_token_ids
+from captioner.models.families.onnx_parts import ImageFeatures, OnnxParts, image_token_id
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
+# Processor outputs besides the pixels that a model's get_image_features may take.
+VISION_EXTRAS = ("pixel_attention_mask", "image_sizes")
 
 
 class ChatFamily(Family):
@@ -28,6 +33,23 @@ class ChatFamily(Family):
     )
     prompting = "chat template: user turn = image + prompt, assistant turn = caption"
     default_prompt = DEFAULT_PROMPT
+    onnx_export = True
+
+    def onnx_parts(self, model) -> OnnxParts:
+        """The model's `get_image_features` and the whole model on `inputs_embeds`; refused where
+        the model computes something the embeddings cannot carry."""
+        why = None
+        inner = getattr(model, "model", None)
+        if hasattr(model, "get_rope_index") or hasattr(inner, "get_rope_index"):
+            why = "its 3-D rotary positions (M-RoPE) come from the image grid inside the model"
+        elif image_token_id(model.config) is None or not hasattr(model, "get_image_features"):
+            why = "it has no image token or no get_image_features to export"
+        if why:
+            raise CaptionerError(f"cannot export a {model.config.model_type} model to ONNX: {why}")
+        accepted = inspect.signature(model.get_image_features).parameters
+        names = ("pixel_values", *(n for n in VISION_EXTRAS if n in accepted))
+        return OnnxParts("embeds", ImageFeatures(model, names), model, names,
+                         image_token_id(model.config))  # fmt: skip
 
     def prompt_text(self, processor, prompt: str | None) -> str:
         return processor.apply_chat_template(

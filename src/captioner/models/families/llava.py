@@ -35,6 +35,7 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
 from captioner.models.families.base import PixelFamily
+from captioner.models.families.onnx_parts import OnnxParts, ProjectedFeatures, image_token_id
 
 IMAGE_TOKEN = "<image>"
 DEFAULT_PROMPT = "Caption:"
@@ -51,7 +52,12 @@ class LlavaFamily(PixelFamily):
     lora_targets = ("q_proj", "v_proj")
     random_parts = ("multi_modal_projector",)
     feature_cache = True
-    onnx_refusal = "a decoder-only LM over image tokens: captioner's exporter covers GIT only"
+    onnx_export = True
+
+    def onnx_parts(self, model) -> OnnxParts:
+        projector = _unwrapped(model).model.multi_modal_projector
+        vision = ProjectedFeatures(self.feature_encoder(model), projector)
+        return OnnxParts("embeds", vision, model, image_token_id=image_token_id(model.config))
 
     def feature_encoder(self, model) -> torch.nn.Module:
         """What the feature cache runs once per image: the tower up to what the projector

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from captioner.models.families.base import OPTIMUM_ONLY, PixelFamily
+from captioner.models.families.base import PixelFamily
+from captioner.models.families.onnx_parts import EncoderStates, OnnxParts
 
 
 class VisionEncoderDecoderFamily(PixelFamily):
@@ -23,7 +24,7 @@ class VisionEncoderDecoderFamily(PixelFamily):
     vision_tower_paths = ("encoder",)
     random_parts = ("crossattention", "enc_to_dec_proj")
     feature_cache = True
-    onnx_refusal = OPTIMUM_ONLY
+    onnx_export = True
 
     def text_inputs(self, processor, captions, prompt, max_length, image_size):
         labels = super().text_inputs(processor, captions, prompt, max_length, image_size)["labels"]
@@ -40,6 +41,9 @@ class VisionEncoderDecoderFamily(PixelFamily):
         ids = processor.tokenizer(prompt, add_special_tokens=False).input_ids
         ids = [model_config.decoder_start_token_id, *ids]
         return {"decoder_input_ids": torch.tensor([ids] * n)}, len(ids)
+
+    def onnx_parts(self, model) -> OnnxParts:
+        return OnnxParts("cross", EncoderStates(model), model.decoder)
 
     def cached_inputs(self, features: torch.Tensor) -> dict:
         return {"encoder_outputs": (features,)}
