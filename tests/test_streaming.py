@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +254,29 @@ def test_caption_route_streams_for_the_page(live_server, captioner):
     expected = captioner.caption(Image.open(io.BytesIO(image)), max_new_tokens=12)[0]
     assert "".join(e.get("text", "") for e in events) == events[-1]["caption"] == expected
     assert len(events) > 3 and events[-1]["model"] == "chatty"
+
+
+@pytest.mark.slow
+def test_page_shows_the_caption_while_it_is_written(live_server, captioner, tmp_path):
+    from test_serve import CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed (`make browser` installs Debian's chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, _ = live_server
+    image_path = tmp_path / "page.png"
+    Image.new("RGB", (64, 48), (220, 120, 30)).save(image_path)
+    expected = captioner.caption(image_path, max_new_tokens=30)[0]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.set_input_files("#file", str(image_path))
+            page.wait_for_selector('#caption[data-state="streaming"]', timeout=60_000)
+            partial = page.text_content("#caption")
+            page.wait_for_selector('#caption[data-state="done"]', timeout=60_000)
+            shown = page.text_content("#caption")
+        finally:
+            browser.close()
+    assert shown == expected and partial and expected.startswith(partial) and partial != shown
