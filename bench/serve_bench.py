@@ -8,13 +8,22 @@ mode, and sends a bounded number of uploads at each concurrency with httpx.
     .venv/bin/python bench/serve_bench.py --requests 300 --concurrency 1 8 32
 
 Prints a markdown table (paste it into bench/RESULTS.md under "Serving").
+
+`--stream` measures token streaming instead: time to the first piece of text and to the whole
+caption, POST /v1/chat/completions with `stream: true` against the same requests unstreamed,
+with batching on. Its model is the preset with its weights scaled up (`--preset small` by
+default), so that its random captions are text rather than repeated start tokens.
+
+    .venv/bin/python bench/serve_bench.py --stream --requests 64 --concurrency 1 16
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
+import json
 import os
 import platform
 import socket
@@ -118,6 +127,113 @@ async def load(url: str, n: int, concurrency: int, payloads: list[bytes], option
     }
 
 
+async def stream_load(
+    url: str, model: str, n: int, concurrency: int, payloads: list[bytes], max_tokens: int,
+    stream: bool,
+) -> dict:  # fmt: skip
+    """`concurrency` clients of /v1/chat/completions: per request the time to its first piece of
+    text (streamed: the first content chunk; plain: the answer) and to its end."""
+    firsts: list[float] = []
+    totals: list[float] = []
+    errors = 0
+    counter = iter(range(n))
+    urls = ["data:image/png;base64," + base64.b64encode(p).decode() for p in payloads]
+
+    def body(i: int) -> dict:
+        part = {"type": "image_url", "image_url": {"url": urls[i % len(urls)]}}
+        messages = [{"role": "user", "content": [part]}]
+        return {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": stream}
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for i in counter:
+            t, first, ok = time.perf_counter(), None, False
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=body(i)) as r:
+                    async for line in r.aiter_lines():
+                        if first is None and '"content": "' in line and '"content": ""' not in line:
+                            first = time.perf_counter() - t
+                        ok = ok or line == "data: [DONE]" or (not stream and "choices" in line)
+                ok = ok and r.status_code == 200
+            except httpx.HTTPError:
+                pass
+            totals.append(time.perf_counter() - t)
+            firsts.append(first if first is not None else totals[-1])
+            errors += not ok
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {
+        "ttft_p50_ms": 1000 * statistics.median(firsts),
+        "total_p50_ms": 1000 * statistics.median(totals),
+        "total_p99_ms": 1000 * sorted(totals)[min(len(totals) - 1, int(0.99 * len(totals)))],
+        "rps": n / wall,
+        "errors": errors,
+    }
+
+
+def chatty_preset(preset: str, out: Path) -> Path:
+    """`preset` with random weights scaled up (as tests/conftest.py's chatty model): its greedy
+    captions are long runs of text that differ per image."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+
+    from captioner.models.build import build_preset, load_model
+
+    build_preset(preset, CAPTIONS, out)
+    model, processor = load_model(out)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def stream_main(args: argparse.Namespace) -> None:
+    model_dir = chatty_preset(args.preset, Path(f"bench/out/serve_{args.preset}_chatty"))
+    payloads = images()
+    proc, url = start_server(model_dir, args.max_batch_size, args.max_wait_ms)
+    model = str(model_dir)
+    rows = []
+    try:
+        warm = asyncio.run(stream_load(url, model, 2, 1, payloads, args.max_new_tokens, True))
+        assert warm["errors"] == 0, warm
+        for c in args.concurrency:
+            for stream in (False, True):
+                res = asyncio.run(
+                    stream_load(url, model, args.requests, c, payloads, args.max_new_tokens, stream)
+                )
+                rows.append((c, stream, res))
+                print(f"c={c:3d} stream={stream!s:5}  {json.dumps(res)}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(
+        f"\n{stamp}; {platform.machine()}, {os.cpu_count()} cores, CPU; `uptime` at the end: "
+        f"{uptime}; {args.preset} preset (weights scaled), {args.max_new_tokens} tokens per "
+        f"caption, {args.requests} requests per row, batching on (max {args.max_batch_size}, "
+        f"wait {args.max_wait_ms:g} ms).\n"
+    )
+    print(
+        "| concurrency | stream | first text p50 ms | total p50 ms | total p99 ms | req/s | errors |"  # noqa: E501
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for c, stream, r in rows:
+        print(
+            f"| {c} | {'yes' if stream else 'no'} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['total_p50_ms']:.0f} | {r['total_p99_ms']:.0f} | {r['rps']:.1f} | {r['errors']} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=2000, help="per (mode, concurrency) cell")
@@ -126,7 +242,11 @@ def main() -> None:
     ap.add_argument("--max_wait_ms", type=float, default=5.0)
     ap.add_argument("--max_new_tokens", type=int, default=20)
     ap.add_argument("--model_dir", type=Path, default=Path("bench/out/serve_tiny"))
+    ap.add_argument("--stream", action="store_true", help="time to first token vs total")
+    ap.add_argument("--preset", default="small", help="with --stream: the preset to serve")
     args = ap.parse_args()
+    if args.stream:
+        return stream_main(args)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not (args.model_dir / "config.json").exists():

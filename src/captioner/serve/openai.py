@@ -201,7 +201,7 @@ async def _streamed(
 
 
 def parse_chat(raw: bytes, model_name: str) -> ChatRequest:
-    """The JSON body of POST /v1/chat/completions -> a ChatRequest, or OpenAIError (400, or 404
+    """The JSON body of POST /v1/chat/completions -> a ChatRequest, or HTTPError (400, or 404
     for another model)."""
     body = loads(raw)
     if not isinstance(body, dict):

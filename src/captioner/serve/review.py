@@ -16,9 +16,9 @@
 
 The dataset side (index, write-back, backups, bulk edits, path rules) is
 `captioner.data.review`; this module is HTTP, the background jobs and thumbnails. The server
-guards are `serve.app`'s: the Host check and body limits (`RequestGuard`), the API key (header,
-or a cookie the page gets from POST /api/login), `uvicorn_options`. A request from a page of
-another origin (a browser's Origin header) may not change anything. Errors are JSON 4xx.
+guards are `captioner serve`'s: the Host check and body limits (`RequestGuard`), the API key
+(header, or a cookie the page gets from POST /api/login), `uvicorn_options`. A request from a
+page of another origin (a browser's Origin header) may not change anything. Errors are JSON 4xx.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ from captioner.data.review import (
     open_review,
 )
 from captioner.errors import BadImageError, CaptionerError
-from captioner.serve.errors import HTTPError as Rejected
-from captioner.serve.errors import error_response
+from captioner.serve.errors import HTTPError, error_response
 from captioner.serve.guard import RequestGuard, default_allowed_hosts, host_name, uvicorn_options
 from captioner.serve.pipeline import check_key
 from captioner.serve.settings import ServerSettings
@@ -366,7 +365,7 @@ def create_review_app(
     app.state.export_dir = Path(export_dir) if export_dir else None
     app.state.model_name = model_name
     app.add_middleware(RequestGuard, settings=settings)
-    app.add_exception_handler(Rejected, _answer_rejected)
+    app.add_exception_handler(HTTPError, _answer_http_error)
     app.add_exception_handler(CaptionerError, _answer_error)
     app.add_exception_handler(OSError, _answer_os_error)
     _add_pages(app)
@@ -393,18 +392,18 @@ def _preloading(dataset: ReviewDataset) -> Callable[[FastAPI], Any]:
     return lifespan
 
 
-async def _answer_rejected(request: Request, err: Rejected) -> JSONResponse:
+async def _answer_http_error(request: Request, err: HTTPError) -> JSONResponse:
     return error_response(err)
 
 
 async def _answer_error(request: Request, err: CaptionerError) -> JSONResponse:
     status = err.status if isinstance(err, ReviewError) else 400
-    return error_response(Rejected(status, str(err)))
+    return error_response(HTTPError(status, str(err)))
 
 
 async def _answer_os_error(request: Request, err: OSError) -> JSONResponse:
     log.warning("%s: %s", request.url.path, err)
-    return error_response(Rejected(409, f"file system: {err.strerror or err}"))
+    return error_response(HTTPError(409, f"file system: {err.strerror or err}"))
 
 
 def _add_pages(app: FastAPI) -> None:
@@ -435,7 +434,7 @@ def _guard(api_key: str | None) -> Callable[[Request], None]:
 
                 where = host_name(urlparse(origin).netloc)
                 if where != host_name(request.headers.get("host", "")):
-                    raise Rejected(403, "requests from another site's page may not change data")
+                    raise HTTPError(403, "requests from another site's page may not change data")
         if api_key is None or request.url.path == "/api/login":
             return
         cookie = request.cookies.get(COOKIE)
@@ -464,7 +463,7 @@ def _router(api_key: str | None) -> APIRouter:
         if api_key is None:
             return JSONResponse({"ok": True})
         if not hmac.compare_digest(body.key.encode(), api_key.encode()):
-            raise Rejected(401, "wrong API key")
+            raise HTTPError(401, "wrong API key")
         answer = JSONResponse({"ok": True})
         answer.set_cookie(COOKIE, api_key, httponly=True, samesite="strict")
         return answer
