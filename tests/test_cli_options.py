@@ -174,10 +174,11 @@ def test_review_takes_the_shared_server_and_load_flags(monkeypatch):
     seen = {}
     monkeypatch.setattr("captioner.serve.review.run_review", lambda source, **kw: seen.update(kw))
     argv = ["review", "DATA", "--api_key", "k", "--allowed_hosts", "a.example",
-            "--device", "cpu", "--trust_remote_code"]  # fmt: skip
+            "--device", "cpu", "--trust_remote_code", "--image_column", "file"]  # fmt: skip
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, (result.output, result.exception)
     assert seen["api_key"] == "k" and seen["allowed_hosts"] == ["a.example"]
     assert seen["device"] == "cpu" and seen["trust_remote_code"] is True
+    assert seen["image_column"] == "file" and seen["caption_column"] is None
     bad = CliRunner().invoke(app, ["review", "DATA", "--api_key", " "])
     assert "--api_key must not be empty" in str(bad.exception)

@@ -189,7 +189,8 @@ def _overwrite(run: Run) -> dict:
     (run.root / "images" / "img_000.txt").write_text("old\n")
     (run.root / "rows.jsonl").write_text('{"image": "old", "caption": "old"}\n')
     result = run("images", sidecar=True, overwrite=True, output="rows.jsonl")
-    return {"run": result, "files": run.files()}
+    files = run.files()
+    return {"run": result, "files": files, "old gone": "old" not in json.dumps(files)}
 
 
 def _resume(run: Run) -> dict:
@@ -262,6 +263,16 @@ SCENARIOS: dict[str, Callable] = {
 }  # fmt: skip
 
 
+# What each scenario's report holds when its flag worked (so equal reports are not both empty).
+EVIDENCE = {
+    "output": "rows.csv", "sidecar": "images/img_000.txt", "caption_extension": "img_000.caption",
+    "skip_existing": "kept", "overwrite": '"old gone": true', "resume": "from before",
+    "retry_errors": '"captioned": 3', "on_collision": "img_000.jpg.txt",
+    "batch_size": '"shards/shards": [4, 2]', "seed": '"repeatable": true', "progress": "[4, 4]",
+    "inputs": '"captioned": 3',
+}  # fmt: skip
+
+
 def test_every_caption_flag_has_a_ray_scenario():
     flags = {f.name for f in dataclasses.fields(CaptionOptions)}
     assert flags - {"engine", *RAY_ONLY} <= set(SCENARIOS), "a caption flag has no Ray scenario"
@@ -291,6 +302,7 @@ def test_each_caption_flag_is_the_same_on_ray(flag, ray_instance, chatty_model_d
         args = (run, monkeypatch) if flag == "progress" else (run,)
         reports[engine] = scenario(*args)
     assert reports["ray"] == reports["local"]
+    assert EVIDENCE[flag] in json.dumps(reports["local"]), "the flag did nothing to compare"
     if flag == "seed":
         assert reports["ray"] == {"repeatable": True, "seed matters": True}
     if flag == "progress":

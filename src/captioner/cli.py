@@ -478,6 +478,7 @@ def _print_caption_summary(summary) -> None:
 
 
 @app.command()
+@dataclass_flags(DataArguments, "columns", only=("image_column", "caption_column"), unset=True)
 @dataclass_flags(ServerSettings, "server", only=REVIEW_SERVER_FLAGS)
 @dataclass_flags(LoadOptions, "load", only=REVIEW_LOAD_FLAGS)
 def review(
@@ -491,12 +492,6 @@ def review(
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes it."),
     port: int = typer.Option(8765, "--port", help="TCP port."),
-    image_column: str | None = typer.Option(
-        None, "--image_column", help="Manifest image column (default: image, file_name, ...)."
-    ),
-    caption_column: str | None = typer.Option(
-        None, "--caption_column", help="Manifest caption column (default: text, captions, ...)."
-    ),
     export_to: str | None = typer.Option(
         None,
         "--export_to",
@@ -505,6 +500,7 @@ def review(
     ),
     server: ServerSettings = None,  # type: ignore[assignment]
     load: LoadOptions = None,  # type: ignore[assignment]
+    columns: dict = None,  # type: ignore[assignment]
 ) -> None:
     """Browse, search, check and edit SOURCE's captions on one page; saves go back where each
     caption came from, with backups under .captioner-backup/ (--api_key: also the page's key
@@ -520,7 +516,8 @@ def review(
     hosts = list(server.allowed_hosts) if server.allowed_hosts is not None else None
     run_review(
         source, model=model, host=host, port=port, api_key=server.api_key, allowed_hosts=hosts,
-        image_column=image_column, caption_column=caption_column, export_to=export_to,
+        image_column=columns.get("image_column"), caption_column=columns.get("caption_column"),
+        export_to=export_to,
         device=load.device, trust_remote_code=load.trust_remote_code,
         say=lambda line: console.print(line, markup=False, highlight=False),
     )  # fmt: skip
