@@ -44,7 +44,9 @@ from pathlib import Path
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = str(ROOT / ".venv" / "bin" / "captioner")
+# `python -m captioner` of this interpreter: PYTHONPATH picks the source tree (a snapshot of a
+# commit keeps a long run safe from edits in a shared checkout).
+CLI = [sys.executable, "-m", "captioner"]
 OUT = ROOT / "bench" / "out" / "icons"
 SIDE = 128  # rendered size; the presets resize to 112-224
 HELD_OUT_FRACTION = 0.15
@@ -192,8 +194,9 @@ def build(out: Path, seed: int = 0, workers: int = 2) -> dict:
         if e["theme"] == OTHER_THEME and not any(groups[n] in held for n in e["names"]):
             if any(n in seen for n in e["names"]):
                 # references: the names this drawing has that training taught
-                splits["seen_names_other_theme"].append(dict(e, names=[n for n in e["names"]
-                                                                        if n in seen]))
+                splits["seen_names_other_theme"].append(
+                    dict(e, names=[n for n in e["names"] if n in seen])
+                )
     rng = random.Random(seed)
     for name in ("unseen_names", "seen_names_other_theme"):
         rng.shuffle(splits[name])
@@ -237,15 +240,130 @@ def _name_groups(examples: list[dict]) -> dict[str, str]:
     return {n: find(n) for e in examples for n in e["names"]}
 
 
+# --- recipes: train one, score every split ---
+
+TRAIN_FLAGS = [
+    "--learning_rate", "1e-3", "--warmup_steps", "0.05", "--weight_decay", "0.01",
+    "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "64",
+    "--test_size", "0", "--eval_strategy", "no", "--save_strategy", "no",
+    "--logging_steps", "20", "--dataloader_num_workers", "0", "--seed", "0",
+]  # fmt: skip
+EVAL_SPLITS = ("seen_names_other_theme", "unseen_names")
+TINY = "vision=dinov2-small,text=scratch,image_size=112"  # dinov2-tiny without its layer cut
+# name -> (--model, training set, extra `captioner train` flags)
+EPOCHS = ["--num_train_epochs", "20"]
+RECIPES: dict[str, tuple[str, str, list[str]]] = {
+    # today's dinov2-tiny: layers 1-6 of DINOv2 at 112 px (the number to double)
+    "baseline": ("dinov2-tiny", "train", EPOCHS),
+    # part 3: deeper features (VED takes the last kept layer: layer choice per preset)
+    "layers9": (f"{TINY},vision_layers=9", "train", EPOCHS),
+    "layers12": (f"{TINY},vision_layers=12", "train", EPOCHS),
+    # part 4: training options, one at a time on the baseline
+    "smooth": ("dinov2-tiny", "train", [*EPOCHS, "--label_smoothing_factor", "0.1"]),
+    "augment4": ("dinov2-tiny", "train", [*EPOCHS, "--augment_views", "4"]),
+    "papirus": ("dinov2-tiny", "train_papirus", ["--num_train_epochs", "10"]),
+    "res224": ("vision=dinov2-small,text=scratch,image_size=224,vision_layers=6", "train", EPOCHS),
+    # LLaVA (issue 18 part 2's preset), bounded to <= 20 min of training here: LoRA + projector
+    "smollm2": (
+        "dinov2-smollm2",
+        "train",
+        [
+            "--learning_rate",
+            "2e-4",
+            "--per_device_train_batch_size",
+            "8",
+            "--per_device_eval_batch_size",
+            "16",
+            "--max_steps",
+            "400",
+            "--logging_steps",
+            "10",
+        ],
+    ),  # fmt: skip
+}
+
+
+def run(out: Path, recipe: str, epochs: float | None = None) -> dict:
+    model, train_set, flags = RECIPES[recipe]
+    if epochs is not None:
+        flags = [*flags, "--num_train_epochs", str(epochs)]
+    folder = out / "runs" / recipe
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    cmd = [*CLI, "train", "--model", model, "--data", str(out / train_set),
+           "--output_dir", str(folder / "model"), *TRAIN_FLAGS, *flags]  # fmt: skip
+    result: dict = {"recipe": recipe, "model": model, "train_set": train_set, "flags": flags,
+                    "load_before": os.getloadavg()}  # fmt: skip
+    started = time.time()
+    with open(folder / "train.log", "w") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
+    result["train_minutes"] = round((time.time() - started) / 60, 2)  # features included
+    result["load_after_train"] = os.getloadavg()
+    for split in EVAL_SPLITS:
+        dest = folder / f"eval_{split}"
+        with open(folder / f"eval_{split}.log", "w") as log:
+            subprocess.run([*CLI, "eval", str(folder / "model"), str(out / split), "--split", "all",
+                            "--output_dir", str(dest)], stdout=log, stderr=subprocess.STDOUT,
+                           check=True)  # fmt: skip
+        metrics = json.loads((dest / "metrics.json").read_text())
+        result[split] = {k: metrics.get(k) for k in ("exact_match", "cider", "bleu4", "wer")}
+        result[split]["word_recall"] = _word_recall(dest / "samples.jsonl")
+    result["load_after"] = os.getloadavg()
+    (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _word_recall(samples: Path) -> float | None:
+    """Share of the best reference's words the caption says (partial credit: "document save"
+    for "document save as" is half right, which exact match cannot see)."""
+    scores = []
+    for line in samples.read_text().splitlines():
+        row = json.loads(line)
+        said = set(str(row.get("prediction", row.get("caption", ""))).split())
+        refs = row.get("references") or []
+        if refs:
+            scores.append(max(len(said & set(r.split())) / max(len(r.split()), 1) for r in refs))
+    return round(sum(scores) / len(scores), 4) if scores else None
+
+
+def table(out: Path) -> str:
+    rows = ["| recipe | model | train set | train min | load | "
+            + " | ".join(f"{s} exact / CIDEr-D / word recall" for s in EVAL_SPLITS) + " |",
+            "|---|---|---|---:|---|" + "---|" * len(EVAL_SPLITS)]  # fmt: skip
+    for path in sorted((out / "runs").glob("*/results.json"), key=lambda p: p.stat().st_mtime):
+        r = json.loads(path.read_text())
+        cells = []
+        for split in EVAL_SPLITS:
+            m = r.get(split, {})
+            cells.append(f"{m.get('exact_match', 0):.3f} / {m.get('cider', 0):.3f} / "
+                         f"{m.get('word_recall') or 0:.3f}")  # fmt: skip
+        load = f"{r['load_before'][0]:.1f}→{r['load_after_train'][0]:.1f}"
+        rows.append(
+            f"| {r['recipe']} | `{r['model']}` {' '.join(r['flags'])} | {r['train_set']} "
+            f"| {r['train_minutes']:.1f} | {load} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", type=Path, default=OUT)
     b.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run")
+    r.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    r.add_argument("--epochs", type=float, default=None, help="Override the recipe's epochs.")
+    r.add_argument("--out", type=Path, default=OUT)
+    t = sub.add_parser("table")
+    t.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if args.cmd == "build":
         print(json.dumps(build(args.out, args.seed), indent=2))
+    elif args.cmd == "run":
+        print(json.dumps(run(args.out, args.recipe, args.epochs), indent=2))
+    else:
+        print(table(args.out))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,36 @@ def test_spec_parsing_names_the_bad_key():
         CompositeSpec.parse("text=scratch")
 
 
+def test_several_feature_layers_parse_and_widen_the_llava_projector(tiny_dinov2_dir, tmp_path):
+    spec = CompositeSpec.parse("vision=x,text=y,vision_feature_layer=1+2")
+    assert spec.vision_feature_layer == [1, 2]
+    assert (
+        CompositeSpec.from_dict({"vision": "x", "vision_feature_layer": [-1]}).vision_feature_layer
+        == -1
+    )
+    with pytest.raises(CaptionerError, match="vision_feature_layer must be a layer number"):
+        CompositeSpec.parse("vision=x,vision_feature_layer=1+top")
+    from test_llava import _byte_level_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _byte_level_tokenizer()
+    lm = tmp_path / "lm"
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )).save_pretrained(lm)  # fmt: skip
+    tok.save_pretrained(lm)
+    spec = f"vision={tiny_dinov2_dir},text={lm},vision_layers=2,vision_feature_layer=1+2"
+    model, processor = load_model(build_preset(spec, ["a caption"], tmp_path / "llava"))
+    assert model.config.vision_feature_layer == [1, 2]  # plain transformers loads it
+    assert model.model.multi_modal_projector.linear_1.in_features == 2 * 32
+    family = family_named("llava")
+    pixels = processor.image_processor(images=[torch.zeros(3, 32, 32)], return_tensors="pt")
+    features = family.feature_encoder(model)(pixels.pixel_values).last_hidden_state
+    assert features.shape[-1] == 2 * 32  # both layers, concatenated, are what the cache stores
+
+
 def test_compose_cuts_layers_and_saves_a_plain_transformers_folder(tiny_dinov2_dir, tmp_path):
     out = build_preset(
         spec_for(tiny_dinov2_dir), ["a red circle on a blue background"] * 3, tmp_path

@@ -105,7 +105,10 @@ class CompositeSpec:
     tokenizer_vocab_size: int = 1000
     family: str | None = None  # vision-encoder-decoder | llava; unset: follows from `text`
     prompt: str = DEFAULT_PROMPT  # llava: the text after the image tokens
-    vision_feature_layer: int = -1  # llava: which hidden state of the (cut) tower feeds the LM
+    # llava: which hidden state(s) of the (cut) tower feed the LM; several (`3+6` on the command
+    # line, a list in a preset) are concatenated on the feature axis, as transformers' LLaVA
+    # does: early layers keep colour, later ones meaning (the projector input widens).
+    vision_feature_layer: int | list[int] = -1
     vision_feature_select_strategy: str = "full"  # llava: full keeps CLS, default drops it
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys: reported, not used
 
@@ -128,9 +131,12 @@ class CompositeSpec:
             raise CaptionerError(f"{where}: unknown key(s) {', '.join(unknown)}")
         if "vision" not in values:
             raise CaptionerError(f"{where}: needs vision=NAME (a part, folder or Hub id)")
-        typed = {}
+        typed: dict[str, Any] = {}
         for key, value in values.items():
             if key == "_comment":
+                continue
+            if known[key].type == "int | list[int]":
+                typed[key] = _layers(value, key, where)
                 continue
             kind = int if known[key].type in ("int", "int | None") else str
             try:
@@ -138,6 +144,20 @@ class CompositeSpec:
             except ValueError:
                 raise CaptionerError(f"{where}: {key} must be a whole number") from None
         return cls(**typed)
+
+
+def _layers(value: Any, key: str, where: str) -> int | list[int]:
+    """`-1`, `3+6` or [3, 6] -> an int or a list of ints (one layer stays an int)."""
+    items = value if isinstance(value, list) else str(value).split("+")
+    try:
+        layers = [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise CaptionerError(
+            f"{where}: {key} must be a layer number or several joined by +"
+        ) from None
+    if not layers:
+        raise CaptionerError(f"{where}: {key} names no layer")
+    return layers[0] if len(layers) == 1 else layers
 
 
 def is_spec(name: str) -> bool:

@@ -21,6 +21,7 @@ from captioner.data.sources import DataArguments
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
 from captioner.models.build import is_preset, needs_build, preset_config
+from captioner.training.augment import DEFAULT_OPS, Augmenter
 from captioner.training.collapse import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,17 @@ class CaptionTrainingArguments(TrainingArguments):
     stop_on_collapse: bool = _default(
         False, "Stop when two evaluations in a row give (nearly) every image the same caption."
     )
+    augment_views: int = _default(
+        0,
+        "Caption-preserving augmentation: N augmented copies of each training image (its "
+        "features cached once with a frozen tower; each epoch trains on one of them or the "
+        "image itself). 0: off.",
+    )
+    augment: str = _default(
+        DEFAULT_OPS,
+        "Which augmentations (comma-separated): crop, blur, posterize, grayscale (never for a "
+        "caption naming a colour), flip (never for a caption with a left/right word).",
+    )
     collapse_threshold: float = _default(
         DEFAULT_THRESHOLD, "Collapse: distinct captions / eval images below this (min 20 images)."
     )
@@ -153,6 +165,10 @@ class CaptionTrainingArguments(TrainingArguments):
                 "changes each epoch, which needs fresh workers"
             )
             self.dataloader_persistent_workers = False
+        if self.augment_views < 0:
+            raise CaptionerError("--augment_views must be 0 (off) or more")
+        if self.augment_views:
+            Augmenter.parse(self.augment)  # an unknown op fails before any data is read
         self.remove_unused_columns = False  # the collator needs `image` and `captions`
         self.prediction_loss_only = True  # never gather eval logits; metrics come from generate
         self.label_names = ["labels"]

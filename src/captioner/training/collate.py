@@ -29,6 +29,7 @@ import torch
 from captioner.data.images import load_image
 from captioner.errors import BadImageError, CaptionerError
 from captioner.models.families import Family
+from captioner.training.augment import draw_view
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,12 @@ class CaptionCollator:
     # starts with it and its tokens carry no loss, so the model learns to continue it; for the
     # other families an instruction (chat models) or task ("caption en", "<CAPTION>").
     prompt: str | None = None
+    # Caption-preserving augmentation (augment.py), on training batches only (`training`; the
+    # trainer clears it for evaluation). With `features`, one of the `views` cached augmented
+    # copies per image and epoch (0: the image itself); without, a fresh view each epoch.
+    augmenter: Any = None
+    views: int = 0
+    training: bool = True
     _config_key: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,7 +98,7 @@ class CaptionCollator:
             raise CaptionerError(f"{self.family.name} batches are made from images, not caches")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images, captions = [], []
+        images, captions, views = [], [], []
         for position, row in enumerate(rows):
             index = row.get(INDEX_COLUMN)
             caps = row[self.caption_column]
@@ -101,10 +108,14 @@ class CaptionCollator:
                 index = zlib.crc32("\n".join(caps).encode()) + position
             images.append(row[self.image_column])
             captions.append(draw_caption(caps, self.seed, self.epoch, int(index)))
+            views.append(self._view(list(caps), int(index)))
 
         if not self.family.fixed_pixels:
             return self._from_images(images, captions)
-        visual, kept = self.encoder_outputs(images) if self.features else self.pixels(images)
+        if self.features:
+            visual, kept = self.encoder_outputs(images, views)
+        else:
+            visual, kept = self.pixels(images, views)
         if not kept:
             raise CaptionerError("every image in a batch failed to load (see the warnings above)")
         captions = [captions[i] for i in kept]
@@ -132,9 +143,27 @@ class CaptionCollator:
             self.processor, loaded, [captions[i] for i in kept], self.prompt, self.max_length
         )
 
-    def encoder_outputs(self, images: list[Any]) -> tuple[torch.Tensor, list[int]]:
-        """Cached encoder outputs of the images that have them, and their positions."""
-        found = {i: self.features.get(src) for i, src in enumerate(images)}
+    def _view(self, captions: list[str], index: int) -> tuple[int, list[str]] | None:
+        """(view number, the image's captions) to augment with, or None for the image as is."""
+        if self.augmenter is None or not self.training:
+            return None
+        if self.features is not None:
+            view = draw_view(self.views, self.seed, self.epoch, index)
+            return (view, captions) if view else None
+        return (1 + self.epoch * 1_000_003 + index, captions)  # a new view every epoch
+
+    def encoder_outputs(
+        self, images: list[Any], views: list[tuple[int, list[str]] | None] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Cached encoder outputs (of the drawn augmented view where `views` says) of the images
+        that have them, and their positions."""
+        views = views or [None] * len(images)
+        found = {
+            i: self.features.get(src, view[0], self.augmenter, view[1])
+            if view
+            else self.features.get(src)
+            for i, (src, view) in enumerate(zip(images, views, strict=True))
+        }
         kept = [i for i, f in found.items() if f is not None]
         if len(kept) < len(found):
             log.warning("skipping %d image(s) with no cached features", len(found) - len(kept))
@@ -142,12 +171,25 @@ class CaptionCollator:
             return torch.empty(0), []
         return torch.stack([found[i] for i in kept]), kept
 
-    def pixels(self, images: list[Any]) -> tuple[torch.Tensor, list[int]]:
-        """Pixel values of the images that load, and their positions. A broken image is skipped
-        with a warning naming it (data.py drops those up front; this covers files that changed)."""
+    def pixels(
+        self, images: list[Any], views: list[tuple[int, list[str]] | None] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Pixel values of the images that load (augmented where `views` says), and their
+        positions. A broken image is skipped with a warning naming it (data.py drops those up
+        front; this covers files that changed)."""
         found: dict[int, torch.Tensor] = {}
         todo: list[tuple[int, Any, Path | None]] = []
-        for i, src in enumerate(images):
+        views = views or [None] * len(images)
+        for i, (src, view) in enumerate(zip(images, views, strict=True)):
+            if view is not None:  # an augmented view: made fresh, never cached
+                try:
+                    image = load_image(src)
+                except BadImageError as err:
+                    log.warning("skipping image %s", err)
+                    continue
+                digest = content_hash(src) or f"{i:012x}"
+                todo.append((i, self.augmenter.apply(image, digest, view[0], view[1]), None))
+                continue
             path = self._cache_path(src)
             if path is not None and path.exists():
                 try:

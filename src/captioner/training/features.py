@@ -41,6 +41,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from transformers.utils.logging import tqdm
 from captioner.data.images import load_image
 from captioner.errors import BadImageError, CaptionerError
 from captioner.models.parts import file_lock
+from captioner.training.augment import Augmenter
 from captioner.training.collate import content_hash
 
 log = logging.getLogger(__name__)
@@ -93,16 +95,29 @@ class FeatureCache:
             self._pixel_size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         return self._pixel_size
 
-    def fill(self, images: Sequence[Any], batch_size: int = 32) -> int:
+    def fill(
+        self, images: Sequence[Any], batch_size: int = 32, *, views: int = 0,
+        augmenter: Augmenter | None = None, captions: Sequence[Sequence[str]] | None = None,
+    ) -> int:  # fmt: skip
         """Compute and store the features of every image not cached yet; return how many were
         computed. Images that do not load are left out (the collator skips them, as it skips
         any broken image). Safe to run from several processes at once: each image is computed
-        by one of them."""
-        digests: dict[str, Any] = {}
-        for src in images:
+        by one of them.
+
+        With `views` > 0 (and an `augmenter`), also `views` augmented copies of each image, keyed
+        by `augmenter.view_key` (the ops its `captions` allow decide them; augment.py)."""
+        digests: dict[str, tuple[Any, Any]] = {}  # cache key -> (image, transform or None)
+        for i, src in enumerate(images):
             digest = content_hash(src)
-            if digest is not None:
-                digests.setdefault(digest, src)
+            if digest is None:
+                continue
+            digests.setdefault(digest, (src, None))
+            if views and augmenter is not None:
+                caps = list(captions[i]) if captions is not None else []
+                for view in range(1, views + 1):
+                    key = augmenter.view_key(digest, view, caps)
+                    transform = partial(augmenter.apply, digest=digest, view=view, captions=caps)
+                    digests.setdefault(key, (src, transform))
         if not digests:
             return 0
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -126,9 +141,15 @@ class FeatureCache:
                 self._write(pending)
         return len(items)
 
-    def get(self, src: Any) -> torch.Tensor | None:
-        """The cached features of one image, or None when it has none."""
+    def get(
+        self, src: Any, view: int = 0, augmenter: Augmenter | None = None,
+        captions: Sequence[str] = (),
+    ) -> torch.Tensor | None:  # fmt: skip
+        """The cached features of one image (or of its augmented view `view`, which `fill` made
+        with the same augmenter and captions), or None when it has none."""
         digest = content_hash(src)
+        if digest is not None and view and augmenter is not None:
+            digest = augmenter.view_key(digest, view, list(captions))
         shard = self.index().get(digest) if digest is not None else None
         if shard is None:
             return None
@@ -211,11 +232,12 @@ class FeatureCache:
             yield
 
     @torch.inference_mode()
-    def _encode(self, items: list[tuple[str, Any]]) -> dict[str, torch.Tensor]:
+    def _encode(self, items: list[tuple[str, tuple[Any, Any]]]) -> dict[str, torch.Tensor]:
         images, digests = [], []
-        for digest, src in items:
+        for digest, (src, transform) in items:
             try:
-                images.append(load_image(src))
+                image = load_image(src)
+                images.append(transform(image) if transform is not None else image)
                 digests.append(digest)
             except BadImageError as err:
                 log.warning("no features for %s", err)
@@ -227,8 +249,8 @@ class FeatureCache:
         return {d: h.float().cpu().contiguous() for d, h in zip(digests, hidden, strict=True)}
 
     def _check_room(self, todo: dict[str, Any]) -> None:
-        digest, src = next(iter(todo.items()))
-        per_image = next(iter(self._encode([(digest, src)]).values()), None)
+        digest, item = next(iter(todo.items()))
+        per_image = next(iter(self._encode([(digest, item)]).values()), None)
         if per_image is None:
             return
         needed = self.size_bytes() + len(todo) * per_image.numel() * per_image.element_size()

@@ -56,6 +56,7 @@ from captioner.training.arguments import (
     CaptionTrainingArguments,
     ModelArguments,
 )
+from captioner.training.augment import Augmenter
 from captioner.training.card import write_model_card
 from captioner.training.checkpoints import last_complete_checkpoint
 from captioner.training.collapse import CollapseGuard, diversity
@@ -104,9 +105,12 @@ def train(
     # 4. A frozen vision tower runs once per image: its outputs are cached (by one process per
     #    machine). LoRA freezes the rest: only adapters (and the parts of a composition that
     #    start random) train.
+    augmenter = _augmenter(training_args)
     with training_args.main_process_first(desc="encoder features"):
         fill = training_args.local_process_index == 0
         features = _frozen_features(model_args, model, processor, [train_ds, eval_ds], fill)
+        if features is not None and augmenter is not None and fill:
+            _fill_views(features, train_ds, augmenter, training_args.augment_views)
     if model_args.lora_r:
         model = add_lora(
             model,
@@ -132,6 +136,8 @@ def train(
         cache_dir=pixel_cache,
         features=features,
         prompt=(decoding or DecodingOptions()).prompt,
+        augmenter=augmenter,
+        views=training_args.augment_views,
     )
     trainer = _make_trainer(
         model, processor, training_args, train_ds, eval_ds, collator, decoding, callbacks
@@ -192,6 +198,22 @@ def _frozen_features(
     )
     family.use_cached_features(model)  # LLaVA: the projector runs on the cached features
     return cache
+
+
+def _augmenter(args: CaptionTrainingArguments) -> Augmenter | None:
+    """The caption-preserving augmentations `--augment_views` turns on (augment.py)."""
+    if args.augment_views <= 0:
+        return None
+    return Augmenter.parse(args.augment)
+
+
+def _fill_views(cache: FeatureCache, train_ds, augmenter: Augmenter, views: int) -> None:
+    """`views` augmented copies of every training image, cached once (eval images stay as
+    they are)."""
+    images = list(ImageColumn(train_ds))
+    computed = cache.fill(images, views=views, augmenter=augmenter, captions=train_ds["captions"])
+    log.info("feature cache: %d augmented views computed (%d per image, ops %s)", computed, views,
+             ",".join(augmenter.ops))  # fmt: skip
 
 
 def _load_splits(data_args: DataArguments, seed: int):
@@ -375,14 +397,18 @@ class CaptionTrainer(Trainer):
         metric_key_prefix="eval",
     ):
         # The eval loss always sees the epoch-0 caption draw, so it is comparable across epochs.
+        # No augmentation either: the loss is of the images as they are.
         collator, epoch = self.data_collator, getattr(self.data_collator, "epoch", 0)
+        training = getattr(collator, "training", True)
         collator.epoch = 0
+        collator.training = False
         try:
             output = super().evaluation_loop(
                 dataloader, description, True, ignore_keys, metric_key_prefix
             )
         finally:
             collator.epoch = epoch
+            collator.training = training
         scores = self.generation_metrics(dataloader.dataset)
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items()})
         return output

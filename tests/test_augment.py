@@ -1,0 +1,96 @@
+"""Caption-preserving augmentation: colour captions are never grayscaled, left/right captions
+never mirrored, K views are cached once and drawn per epoch, evaluation sees the image itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_images
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+from captioner.errors import CaptionerError
+from captioner.models.families import family_named
+from captioner.models.tokenizer import train_caption_tokenizer
+from captioner.training.arguments import CaptionTrainingArguments
+from captioner.training.augment import Augmenter, augment, draw_view
+from captioner.training.collate import INDEX_COLUMN, CaptionCollator, content_hash
+from captioner.training.features import FeatureCache
+
+ALL = Augmenter(("crop", "blur", "posterize", "grayscale", "flip"))
+
+
+def _half_red(size: int = 32) -> Image.Image:
+    """Red on the left, blue on the right: a mirror or a grayscale view would show."""
+    image = Image.new("RGB", (size, size), (30, 30, 220))
+    image.paste((220, 30, 30), (0, 0, size // 2, size))
+    return image
+
+
+def test_a_colour_caption_is_never_grayscaled_nor_a_left_caption_mirrored():
+    assert ALL.allowed(["a red star"]) == ("crop", "blur", "posterize", "flip")
+    assert ALL.allowed(["go previous", "arrow"]) == ("crop", "blur", "posterize", "grayscale")
+    assert "grayscale" in ALL.allowed(["media playback start"])
+    image = _half_red()
+    for view in range(1, 40):  # with every op allowed, some of these views would be gray/flipped
+        out = np.asarray(ALL.apply(image, "ab" * 20, view, ["a red arrow pointing left"]), int)
+        left, right = out[:, :8].mean((0, 1)), out[:, -8:].mean((0, 1))
+        assert left[0] > left[2] + 60, view  # still red on the left...
+        assert right[2] > right[0] + 60, view  # ...and blue on the right: in colour, unmirrored
+
+
+def test_views_are_reproducible_and_view_zero_is_the_image():
+    image = _half_red()
+    a = ALL.apply(image, "12" * 20, 3, ["shape"])
+    b = ALL.apply(image, "12" * 20, 3, ["shape"])
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert ALL.apply(image, "12" * 20, 0, ["shape"]) is image
+    assert augment(image, (), np.random.default_rng(0)).size == image.size
+
+
+def test_draw_view_covers_the_image_and_every_view():
+    drawn = {draw_view(3, 0, epoch, 5) for epoch in range(60)}
+    assert drawn == {0, 1, 2, 3}
+    assert draw_view(0, 0, 4, 5) == 0
+
+
+def test_unknown_ops_and_negative_views_are_refused(tmp_path):
+    with pytest.raises(CaptionerError, match="unknown op"):
+        Augmenter.parse("crop,rotate")
+    with pytest.raises(CaptionerError, match="augment_views"):
+        CaptionTrainingArguments(output_dir=str(tmp_path), augment_views=-1)
+    with pytest.raises(CaptionerError, match="unknown op"):
+        CaptionTrainingArguments(output_dir=str(tmp_path), augment_views=2, augment="spin")
+
+
+def test_k_views_are_cached_once_and_drawn_by_the_collator(tiny_dinov2_dir, tmp_path):
+    encoder = AutoModel.from_pretrained(tiny_dinov2_dir).eval()
+    processor_ip = AutoImageProcessor.from_pretrained(tiny_dinov2_dir)
+    paths = [str(p) for p in make_images(tmp_path / "img", 3)]
+    captions = [["a red square"], ["go next"], ["a square"]]
+    cache = FeatureCache(tmp_path / "cache", encoder, processor_ip, max_bytes=2**26)
+    augmenter = Augmenter()
+    assert cache.fill(paths, views=2, augmenter=augmenter, captions=captions) == 3 * 3
+    assert cache.fill(paths, views=2, augmenter=augmenter, captions=captions) == 0  # reused
+    digest = content_hash(paths[0])
+    clean = cache.get(paths[0])
+    views = [cache.get(paths[0], v, augmenter, captions[0]) for v in (1, 2)]
+    assert all(v is not None and not torch.equal(v, clean) for v in views)
+    assert augmenter.view_key(digest, 1, captions[0]) in cache.index()
+
+    tokenizer = train_caption_tokenizer([c for caps in captions for c in caps])
+    processor = type("P", (), {"tokenizer": tokenizer, "image_processor": processor_ip})()
+    collator = CaptionCollator(
+        processor, family_named("vision-encoder-decoder"), features=cache, augmenter=augmenter,
+        views=2,
+    )  # fmt: skip
+    rows = [{"image": {"bytes": None, "path": paths[0]}, "captions": captions[0], INDEX_COLUMN: 0}]
+    seen = set()
+    for epoch in range(12):
+        collator.epoch = epoch
+        hidden = collator(rows)["encoder_outputs"][0][0]
+        seen.add(next(i for i, f in enumerate([clean, *views]) if torch.equal(f, hidden)))
+    assert seen == {0, 1, 2}  # the image itself and both views, across epochs
+    collator.training = False  # evaluation: always the image itself
+    assert torch.equal(collator(rows)["encoder_outputs"][0][0], clean)
