@@ -250,7 +250,8 @@ def _progress(run: Run, monkeypatch: pytest.MonkeyPatch) -> dict:
 
 def _inputs(run: Run) -> dict:
     """Not a flag: the inputs every engine expands the same (`@list.txt`, manifests, stdin)."""
-    (run.root / "list.txt").write_text("images/img_000.png\n# a comment\nimages/img_002.png\n")
+    listed = [run.root / "images" / "img_000.png", "# a comment", run.root / "images/img_002.png"]
+    (run.root / "list.txt").write_text("".join(f"{line}\n" for line in listed))  # as in a shell
     (run.root / "manifest.jsonl").write_text('{"image": "images/img_001.png"}\n')
     return {"run": run("@list.txt", "manifest.jsonl")}
 
