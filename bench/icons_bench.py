@@ -248,7 +248,15 @@ TRAIN_FLAGS = [
     "--test_size", "0", "--eval_strategy", "no", "--save_strategy", "no",
     "--logging_steps", "20", "--dataloader_num_workers", "0", "--seed", "0",
 ]  # fmt: skip
-EVAL_SPLITS = ("seen_names_other_theme", "unseen_names")
+
+
+def eval_splits(out: Path) -> list[str]:
+    """Every split `build` wrote that is not a training set (icons: seen_names_other_theme,
+    unseen_names; Open Clip Art: held_out_artists)."""
+    splits = json.loads((out / "stats.json").read_text())["splits"]
+    return [name for name in splits if not name.startswith("train")]
+
+
 TINY = "vision=dinov2-small,text=scratch,image_size=112"  # dinov2-tiny without its layer cut
 # name -> (--model, training set, extra `captioner train` flags)
 EPOCHS = ["--num_train_epochs", "20"]
@@ -299,7 +307,7 @@ def run(out: Path, recipe: str, epochs: float | None = None) -> dict:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
     result["train_minutes"] = round((time.time() - started) / 60, 2)  # features included
     result["load_after_train"] = os.getloadavg()
-    for split in EVAL_SPLITS:
+    for split in eval_splits(out):
         dest = folder / f"eval_{split}"
         with open(folder / f"eval_{split}.log", "w") as log:
             subprocess.run([*CLI, "eval", str(folder / "model"), str(out / split), "--split", "all",
@@ -308,9 +316,30 @@ def run(out: Path, recipe: str, epochs: float | None = None) -> dict:
         metrics = json.loads((dest / "metrics.json").read_text())
         result[split] = {k: metrics.get(k) for k in ("exact_match", "cider", "bleu4", "wer")}
         result[split]["word_recall"] = _word_recall(dest / "samples.jsonl")
+        samples_image(out / split, dest / "samples.jsonl", dest / "samples.png")
     result["load_after"] = os.getloadavg()
     (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def samples_image(data: Path, samples: Path, dest: Path, n: int = 24, cols: int = 6) -> None:
+    """A grid of the first `n` images with the model's caption (green: exact, red: not) and the
+    first reference under each."""
+    from PIL import ImageDraw
+
+    rows = [json.loads(line) for line in (data / "captions.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in samples.read_text().splitlines()][:n]
+    cell_w, cell_h = 200, 150
+    grid = Image.new("RGB", (cols * cell_w, -(-len(preds) // cols) * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, p in enumerate(preds):
+        x, y = (k % cols) * cell_w, (k // cols) * cell_h
+        thumb = Image.open(data / rows[p["index"]]["image"]).convert("RGB").resize((96, 96))
+        grid.paste(thumb, (x + (cell_w - 96) // 2, y + 4))
+        colour = (0, 130, 0) if p.get("exact_match") else (190, 0, 0)
+        draw.text((x + 4, y + 104), str(p["prediction"])[:32], fill=colour)
+        draw.text((x + 4, y + 122), "ref: " + str(p["references"][0])[:27], fill=(90, 90, 90))
+    grid.save(dest)
 
 
 def _word_recall(samples: Path) -> float | None:
@@ -327,13 +356,14 @@ def _word_recall(samples: Path) -> float | None:
 
 
 def table(out: Path) -> str:
+    splits = eval_splits(out)
     rows = ["| recipe | model | train set | train min | load | "
-            + " | ".join(f"{s} exact / CIDEr-D / word recall" for s in EVAL_SPLITS) + " |",
-            "|---|---|---|---:|---|" + "---|" * len(EVAL_SPLITS)]  # fmt: skip
+            + " | ".join(f"{s} exact / CIDEr-D / word recall" for s in splits) + " |",
+            "|---|---|---|---:|---|" + "---|" * len(splits)]  # fmt: skip
     for path in sorted((out / "runs").glob("*/results.json"), key=lambda p: p.stat().st_mtime):
         r = json.loads(path.read_text())
         cells = []
-        for split in EVAL_SPLITS:
+        for split in splits:
             m = r.get(split, {})
             cells.append(f"{m.get('exact_match', 0):.3f} / {m.get('cider', 0):.3f} / "
                          f"{m.get('word_recall') or 0:.3f}")  # fmt: skip
