@@ -176,8 +176,9 @@ async def stream_load(
 
 
 def chatty_preset(preset: str, out: Path) -> Path:
-    """`preset` with random weights scaled up (as tests/conftest.py's chatty model): its greedy
-    captions are long runs of text that differ per image."""
+    """`preset` with random weights scaled up (as tests/conftest.py's chatty model), writing only
+    tokens that are whole text: its greedy captions are long runs of text that differ per
+    image and never end early."""
     if (out / "config.json").exists():
         return out
     import torch
@@ -191,13 +192,22 @@ def chatty_preset(preset: str, out: Path) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
+        # a random byte-level model mostly writes half UTF-8 characters and control bytes,
+        # which no stream can show before they complete: it may write only whole text pieces
+        # (what a trained model does), so the time to the first text measures streaming
+        vocab = processor.tokenizer.convert_ids_to_tokens(list(range(model.config.vocab_size)))
+        head = model.get_output_embeddings()
+        for i, token in enumerate(vocab):
+            text = processor.tokenizer.convert_tokens_to_string([token or ""])
+            if not text.strip() or "\ufffd" in text or not text.isprintable():
+                head.bias[i] = -1e4
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
 
 
 def stream_main(args: argparse.Namespace) -> None:
-    model_dir = chatty_preset(args.preset, Path(f"bench/out/serve_{args.preset}_chatty"))
+    model_dir = chatty_preset(args.preset, Path(f"bench/out/serve_{args.preset}_text"))
     payloads = images()
     proc, url = start_server(model_dir, args.max_batch_size, args.max_wait_ms)
     model = str(model_dir)

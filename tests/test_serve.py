@@ -315,6 +315,15 @@ def test_malformed_requests_are_422(kwargs):
     assert fake.calls == []  # rejected before reaching the model
 
 
+def test_batcher_defaults_are_the_server_settings():
+    from captioner.serve.settings import ServerSettings
+
+    batcher, settings = Batcher(lambda images, decoding: []), ServerSettings()
+    assert batcher.max_batch_size == settings.max_batch_size
+    assert batcher.max_wait_s * 1000 == settings.max_wait_ms
+    assert batcher.max_queue == settings.max_queue
+
+
 def test_bytes_that_are_not_json_are_422_on_both_apis_alike():
     """One JSON policy: the same fault gets the same status and reason on every route."""
     headers = {"content-type": "application/json"}

@@ -26,7 +26,7 @@ from captioner.errors import CaptionerError
 from captioner.serve import body
 from captioner.serve.batcher import Caption
 from captioner.serve.errors import HTTPError
-from captioner.serve.pipeline import Hold, Pipeline, Upload, sse, sse_response, streamed
+from captioner.serve.pipeline import Hold, Pipeline, Streamed, Upload, sse, sse_response
 from captioner.serve.schemas import caption_openapi
 from captioner.serve.settings import ServerSettings
 
@@ -60,18 +60,17 @@ def router(pipeline: Pipeline) -> APIRouter:
             asked = await _read_request(request, pipeline, hold)
             pipeline.check_room(len(asked.uploads))  # 503 before decoding anything
             images = await pipeline.decode(asked.uploads, hold)
-            if asked.stream:  # the stream owns the memory until it ends
-                stream = pipeline.stream(images[0], asked.decoding)
-                events = streamed(stream, asked.uploads[0].name, resources.pop_all())
-                return sse_response(_events(events, settings.model_name, start))
             names = [u.name for u in asked.uploads]
+            if asked.stream:  # the stream owns the memory until it ends
+                events = pipeline.stream(images[0], asked.decoding, names[0], resources)
+                return sse_response(_events(events, settings.model_name, start), events)
             captions = await pipeline.caption(request, images, asked.decoding, names)
         return _answer(asked, captions, settings.model_name, _ms(start))
 
     return api
 
 
-async def _events(events: AsyncIterator[tuple[str, Any]], model: str, start: float):
+async def _events(events: Streamed, model: str, start: float) -> AsyncIterator[bytes]:
     sent = ""
     async for kind, value in events:
         if kind == "text":

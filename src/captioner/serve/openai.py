@@ -53,7 +53,7 @@ from captioner.errors import CaptionerError
 from captioner.serve import body
 from captioner.serve.body import loads
 from captioner.serve.errors import HTTPError
-from captioner.serve.pipeline import Pipeline, Upload, sse, sse_response, streamed
+from captioner.serve.pipeline import Pipeline, Streamed, Upload, sse, sse_response
 from captioner.serve.schemas import chat_openapi
 
 PREFIX = "/v1/"
@@ -154,9 +154,9 @@ def router(
             data = await pipeline.download(chat.url, hold, chat.image_name)
             images = await pipeline.decode([Upload("url", chat.image_name, data)], hold)
             if chat.stream and not chat.stop and chat.decoding.num_return_sequences == 1:
-                stream = pipeline.stream(images[0], chat.decoding)
-                events = streamed(stream, chat.image_name, resources.pop_all())
-                return sse_response(_streamed(events, model, chat, tokenizer, max_new_tokens))
+                events = pipeline.stream(images[0], chat.decoding, chat.image_name, resources)
+                chunks = _streamed(events, model, chat, tokenizer, max_new_tokens)
+                return sse_response(chunks, events)
             [result] = await pipeline.caption(request, images, chat.decoding, [chat.image_name])
         captions = result if isinstance(result, list) else [result]
         answer = await run_in_threadpool(
@@ -173,7 +173,7 @@ def router(
 
 
 async def _streamed(
-    events: AsyncIterator[tuple[str, Any]], model: str, chat: ChatRequest, tokenizer: Any,
+    events: Streamed, model: str, chat: ChatRequest, tokenizer: Any,
     max_new_tokens: Callable[[DecodingOptions], int] | None,
 ) -> AsyncIterator[bytes]:  # fmt: skip
     """One caption's chunks as the batcher streams it, then its finish reason and usage."""

@@ -185,12 +185,17 @@ class Pipeline:
         images are then dropped, or stopped mid-generate)."""
         return await _unless_client_leaves(request, self._caption_all(images, decoding, names))
 
-    def stream(self, image: Image.Image, decoding: DecodingOptions) -> Stream:
-        """The image queued for a streamed caption (503 at once when the queue is full)."""
+    def stream(
+        self, image: Image.Image, decoding: DecodingOptions, name: str,
+        resources: contextlib.ExitStack,
+    ) -> Streamed:  # fmt: skip
+        """The image queued for a streamed caption (503 at once when the queue is full); the
+        request's `resources` (its memory) are the stream's to release."""
         try:
-            return self.batcher.submit_stream(image, decoding)
+            stream = self.batcher.submit_stream(image, decoding)
         except QueueFullError as err:  # nothing was queued
             raise self._busy(err) from None
+        return Streamed(stream, name, resources.pop_all())
 
     async def _caption_all(
         self, images: list[Image.Image], decoding: DecodingOptions, names: Sequence[str]
@@ -313,28 +318,50 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def streamed(
-    stream: Stream, name: str, resources: contextlib.ExitStack
-) -> AsyncIterator[tuple[str, Any]]:
+class Streamed:
     """A `Stream` as ("text", piece) events while it is generated, then ("done", caption) or
-    ("error", HTTPError). However it ends (the client may leave mid-way: the response stops
-    iterating), the image leaves the batcher and the request's memory is given back."""
-    try:
-        async for text in stream:
-            yield "text", text
-        yield "done", stream.caption
-    except Exception as err:  # noqa: BLE001 - the status line has gone: the stream says it
-        yield "error", captioning_error(name, err)
-    finally:
-        if stream.caption is None:
-            stream.cancel()
-        resources.close()
+    ("error", HTTPError). However the response ends (the client may leave mid-way, even before
+    the first event), `close` takes the image out of the batcher and gives the request's memory
+    back: the response calls it, and so does the end of iterating."""
+
+    def __init__(self, stream: Stream, name: str, resources: contextlib.ExitStack) -> None:
+        self.stream, self.name, self.resources = stream, name, resources
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, Any]]:
+        try:
+            async for text in self.stream:
+                yield "text", text
+            yield "done", self.stream.caption
+        except Exception as err:  # noqa: BLE001 - the status line has gone: the stream says it
+            yield "error", captioning_error(self.name, err)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.stream.caption is None:
+            self.stream.cancel()
+        self.resources.close()
 
 
-def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
-    """Server-sent events, unbuffered by proxies."""
+class _EventStream(StreamingResponse):
+    def __init__(self, body: AsyncIterator[bytes], source: Streamed) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.source = source
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # a body never started never runs its own cleanup
+            self.source.close()
+
+
+def sse_response(body: AsyncIterator[bytes], source: Streamed | None = None) -> StreamingResponse:
+    """Server-sent events; `source`, when they come from the batcher, is closed at the end."""
+    if source is not None:
+        return _EventStream(body, source)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 
 def sse(data: Any) -> bytes:
