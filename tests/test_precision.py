@@ -30,7 +30,6 @@ def test_bf16_and_int8_caption_and_agreement_is_measured(chatty_model_dir, image
     _, reference = caption_with(chatty_model_dir, images)
     bf16, bf16_captions = caption_with(chatty_model_dir, images, dtype="bfloat16")
     int8, int8_captions = caption_with(chatty_model_dir, images, int8=True)
-    assert bf16.dtype == torch.bfloat16
     quantized = torch.ao.nn.quantized.dynamic.Linear
     assert any(isinstance(m, quantized) for m in int8.modules())
     assert not any(type(m) is torch.nn.Linear for m in int8.modules())
@@ -40,6 +39,25 @@ def test_bf16_and_int8_caption_and_agreement_is_measured(chatty_model_dir, image
         rate = precision.agreement(reference, captions)
         assert 0.0 <= rate <= 1.0
     assert precision.agreement(reference, reference) == 1.0
+
+
+def test_bf16_is_mixed_precision_with_float32_norms_and_logits(chatty_model_dir, images):
+    """--dtype bfloat16 runs the linear layers in bfloat16 (autocast) but keeps layer norms, the
+    residual stream they feed and the logits in float32: not a whole-model cast."""
+    model, processor = load_model(chatty_model_dir)
+    model = precision.prepare(model, dtype="bfloat16")
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert head.weight.dtype == torch.float32
+    seen: dict[str, set] = {"norm": set(), "head": set(), "linear": set()}
+    for name, module in (("norm", next(m for m in model.modules()
+                                       if isinstance(m, torch.nn.LayerNorm))),
+                         ("head", head), ("linear", linears[-1])):  # fmt: skip
+        module.register_forward_hook(lambda m, i, out, n=name: seen[n].add(out.dtype))
+    captions = Captioner(model, processor, device="cpu").caption(images[:2], max_new_tokens=4)
+    assert len(captions) == 2
+    assert seen == {"norm": {torch.float32}, "head": {torch.float32}, "linear": {torch.bfloat16}}
 
 
 def test_agreement_is_the_exact_match_rate():

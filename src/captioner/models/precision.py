@@ -1,8 +1,10 @@
 """Reduced precision on the CPU: bfloat16 weights, or int8 linear layers, chosen and measured.
 
 `prepare(model, dtype, int8)` is the one place a loaded model changes precision:
-- `dtype="bfloat16"` casts every weight (`model.to(torch.bfloat16)`); CPUs with AVX512-BF16 or
-  AMX run its matmuls natively, others emulate them (slower than float32);
+- `dtype="bfloat16"` is mixed precision, not a whole-model cast (`mixed_bf16`): the linear
+  layers' weights become bfloat16 and their matmuls run in bfloat16 under autocast, while layer
+  norms, the residual stream they feed, embeddings and the logits stay float32 (CPUs with
+  AVX512-BF16 or AMX run the matmuls natively, others emulate them, slower than float32);
 - `int8=True` replaces every `nn.Linear` with torch's dynamically quantized one (int8 weights,
   activations quantized per batch; fbgemm/oneDNN use VNNI where the CPU has it). Embeddings,
   convolutions and layer norms stay float32.
@@ -43,11 +45,11 @@ def prepare(model: nn.Module, dtype: str = "float32", int8: bool = False) -> nn.
     if int8 and dtype != "float32":
         raise CaptionerError("--int8 quantizes float32 linear layers: use it with --dtype float32")
     device = next(model.parameters()).device
+    model = model.to(torch.float32)
     if dtype == "bfloat16":
         if device.type == "cpu" and not bf16_native():
             log.warning("this CPU has no native bfloat16 matmul: bfloat16 will be slower")
-        return model.to(torch.bfloat16)
-    model = model.to(torch.float32)
+        return mixed_bf16(model)
     if not int8:
         return model
     if device.type != "cpu":
@@ -61,6 +63,46 @@ def prepare(model: nn.Module, dtype: str = "float32", int8: bool = False) -> nn.
         return torch.ao.quantization.quantize_dynamic(
             model, {nn.Linear}, dtype=torch.qint8, inplace=True
         )
+
+
+def mixed_bf16(model: nn.Module) -> nn.Module:
+    """`model` (float32) for captioning in mixed precision, in place: bfloat16 weights for the
+    linear layers but the one that makes the logits; `generate` runs under bfloat16 autocast;
+    every layer norm (any module named *LayerNorm / *RMSNorm) takes its input in float32, so the
+    residual stream it adds to stays float32; the logits come out of a float32 matmul outside
+    autocast, where a rounding would flip near-tied greedy tokens."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            module.to(torch.bfloat16)
+        elif type(module).__name__.endswith(("LayerNorm", "RMSNorm")):
+            module.register_forward_pre_hook(_float_inputs)
+    device = next(model.parameters()).device.type
+    if isinstance(head, nn.Linear):
+        head.forward = _outside_autocast(head.forward, device)  # type: ignore[method-assign]
+    model.generate = _under_autocast(model.generate, device)  # type: ignore[method-assign]
+    model.captioner_precision = "bfloat16"
+    return model
+
+
+def _float_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _outside_autocast(forward, device: str):
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device, enabled=False):
+            return forward(hidden.float())
+
+    return run
+
+
+def _under_autocast(generate, device: str):
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return generate(*args, **kwargs)
+
+    return run
 
 
 def bf16_native() -> bool:
