@@ -315,6 +315,21 @@ def test_malformed_requests_are_422(kwargs):
     assert fake.calls == []  # rejected before reaching the model
 
 
+def test_caption_stream_from_a_captioner_that_does_not_stream_sends_it_whole():
+    with client_for() as client:
+        r = client.post("/caption", files={"file": ("a.png", png())}, data={"stream": "true"})
+        two = [("files", ("a.png", png())), ("files", ("b.png", png()))]
+        several = client.post("/caption", files=two, data={"stream": "true"})
+        bad = client.post("/caption", files={"file": ("a.png", png())}, data={"stream": "maybe"})
+        assert client.get("/health").json()["bytes_in_flight"] == 0
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[0] == {"text": "40x30 rgb(200, 40, 40)"}
+    assert events[1]["caption"] == "40x30 rgb(200, 40, 40)" and events[1]["model"] == "fake"
+    assert several.status_code == bad.status_code == 422
+    assert "one image at a time" in several.json()["detail"]
+
+
 def test_batcher_defaults_are_the_server_settings():
     from captioner.serve.settings import ServerSettings
 

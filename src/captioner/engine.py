@@ -1,7 +1,8 @@
 """The one batched captioning engine: images in, captions out.
 
 `captioner caption`, `captioner eval`, the training callback, the server and the demo all call
-`Captioner.caption` (or its streaming twin `caption_iter`), so speed-ups and fixes land everywhere.
+`Captioner.caption` (or its batch-by-batch twin `caption_iter`, or `caption_stream`, which yields
+each caption's text as it is generated), so speed-ups and fixes land everywhere.
 
 Why it is fast compared with the guide's loop (one image, `generate(max_length=50)`):
 - images are decoded and preprocessed in a background DataLoader worker while the model runs;
@@ -546,7 +547,8 @@ class _RowStreamer(BaseStreamer):
             return
         new = value.view(len(self.rows), -1)
         self.ids = torch.cat([self.ids, new], dim=1)
-        ended = {k for k in self.open if int(new[k, -1]) in self.captions.ends}
+        rows = new.tolist()  # (batch, n): n > 1 when a step accepts several tokens
+        ended = {k for k in self.open if self.captions.ends.intersection(rows[k])}
         talking = [k for k in self.open - ended if self.listener.wants_text(self.rows[k])]
         if not ended and not talking:
             return
