@@ -5,6 +5,7 @@ the engine and training import torch, which takes seconds):
 
     Captioner         the batched captioning engine (`Captioner.from_pretrained(dir or Hub id)`)
     DecodingOptions   how captions are decoded (beams, length, sampling, prompt, bad words)
+    LoadOptions       how a model is loaded (device, dtype, int8, trust_remote_code)
     load_captions     any dataset source -> DatasetDict{"train", "test"} of {image, captions}
     load_model        (model, processor) for a model folder or Hub id
     train             fine-tune with transformers' Trainer (see captioner.training.trainer)
@@ -23,6 +24,7 @@ __version__ = _version("captioner")
 _API = {
     "Captioner": "captioner.engine",
     "DecodingOptions": "captioner.decoding",
+    "LoadOptions": "captioner.options",
     "load_captions": "captioner.data.sources",
     "load_model": "captioner.models.build",
     "train": "captioner.training.trainer",
@@ -31,6 +33,7 @@ _API = {
 __all__ = [
     "Captioner",
     "DecodingOptions",
+    "LoadOptions",
     "evaluate",
     "load_captions",
     "load_model",
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
     from captioner.engine import Captioner
     from captioner.evaluation.evaluate import evaluate
     from captioner.models.build import load_model
+    from captioner.options import LoadOptions
     from captioner.training.trainer import train
 
 
