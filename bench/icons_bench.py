@@ -260,6 +260,9 @@ def eval_splits(out: Path) -> list[str]:
 TINY = "vision=dinov2-small,text=scratch,image_size=112"  # dinov2-tiny without its layer cut
 # name -> (--model, training set, extra `captioner train` flags)
 EPOCHS = ["--num_train_epochs", "20"]
+# LLaVA's preset trains LoRA + projector at 2e-4; 250 steps of 8 keep it to <= 20 min here
+LLAVA_FLAGS = ["--learning_rate", "2e-4", "--per_device_train_batch_size", "8",
+               "--per_device_eval_batch_size", "16", "--max_steps", "250"]  # fmt: skip
 RECIPES: dict[str, tuple[str, str, list[str]]] = {
     # today's dinov2-tiny: layers 1-6 of DINOv2 at 112 px (the number to double)
     "baseline": ("dinov2-tiny", "train", EPOCHS),
@@ -271,23 +274,11 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     "augment4": ("dinov2-tiny", "train", [*EPOCHS, "--augment_views", "4"]),
     "papirus": ("dinov2-tiny", "train_papirus", ["--num_train_epochs", "10"]),
     "res224": ("vision=dinov2-small,text=scratch,image_size=224,vision_layers=6", "train", EPOCHS),
+    # combinations on the best layer cut
+    "layers9_aug4": (f"{TINY},vision_layers=9", "train", [*EPOCHS, "--augment_views", "4"]),
+    "layers9_papirus": (f"{TINY},vision_layers=9", "train_papirus", ["--num_train_epochs", "10"]),
     # LLaVA (issue 18 part 2's preset), bounded to <= 20 min of training here: LoRA + projector
-    "smollm2": (
-        "dinov2-smollm2",
-        "train",
-        [
-            "--learning_rate",
-            "2e-4",
-            "--per_device_train_batch_size",
-            "8",
-            "--per_device_eval_batch_size",
-            "16",
-            "--max_steps",
-            "400",
-            "--logging_steps",
-            "10",
-        ],
-    ),  # fmt: skip
+    "smollm2": ("dinov2-smollm2", "train", LLAVA_FLAGS),
 }
 
 
@@ -375,6 +366,47 @@ def table(out: Path) -> str:
     return "\n".join(rows)
 
 
+# `captioner demo`'s training (jobs/demo.py's DEMO_TRAINING_ARGS and DemoConfig) as flags
+DEMO_FLAGS = [
+    "--test_size", "0.1", "--max_eval_samples", "100", "--seed", "0", "--num_train_epochs", "8",
+    "--learning_rate", "1e-3", "--warmup_steps", "0.05",
+    "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "100",
+    "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1",
+    "--logging_steps", "20", "--load_best_model_at_end", "true",
+    "--metric_for_best_model", "cider", "--dataloader_num_workers", "0",
+]  # fmt: skip
+
+
+def scenes(out: Path, recipe: str) -> dict:
+    """A recipe's model on the demo's task (4,000 easy scenes, seed 0, the demo's training):
+    held-out exact match must stay >= 0.98 for a preset to replace dinov2-tiny anywhere."""
+    from captioner.data.scenes import generate_scenes
+
+    model = RECIPES[recipe][0]
+    data = out.parent / "scenes-4000"
+    if not (data / "metadata.jsonl").exists():
+        generate_scenes(data, n=4000, seed=0, difficulty="easy")
+    folder = out / "runs" / f"scenes-{recipe}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    result: dict = {"recipe": recipe, "model": model, "load_before": os.getloadavg()}
+    started = time.time()
+    with open(folder / "train.log", "w") as log:
+        subprocess.run([*CLI, "train", "--model", model, "--data", str(data), "--output_dir",
+                        str(folder / "model"), *DEMO_FLAGS], stdout=log, stderr=subprocess.STDOUT,
+                       check=True)  # fmt: skip
+    result["train_minutes"] = round((time.time() - started) / 60, 2)
+    with open(folder / "eval.log", "w") as log:
+        subprocess.run([*CLI, "eval", str(folder / "model"), str(data), "--output_dir",
+                        str(folder / "eval")], stdout=log, stderr=subprocess.STDOUT,
+                       check=True)  # fmt: skip
+    metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+    result.update(exact_match=metrics["exact_match"], cider=metrics["cider"],
+                  load_after=os.getloadavg())  # fmt: skip
+    (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -385,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     r.add_argument("--epochs", type=float, default=None, help="Override the recipe's epochs.")
     r.add_argument("--out", type=Path, default=OUT)
+    sc = sub.add_parser("scenes", help="the recipe's model on the demo's scenes")
+    sc.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    sc.add_argument("--out", type=Path, default=OUT)
     t = sub.add_parser("table")
     t.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -392,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(build(args.out, args.seed), indent=2))
     elif args.cmd == "run":
         print(json.dumps(run(args.out, args.recipe, args.epochs), indent=2))
+    elif args.cmd == "scenes":
+        print(json.dumps(scenes(args.out, args.recipe), indent=2))
     else:
         print(table(args.out))
 

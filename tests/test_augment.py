@@ -94,3 +94,28 @@ def test_k_views_are_cached_once_and_drawn_by_the_collator(tiny_dinov2_dir, tmp_
     assert seen == {0, 1, 2}  # the image itself and both views, across epochs
     collator.training = False  # evaluation: always the image itself
     assert torch.equal(collator(rows)["encoder_outputs"][0][0], clean)
+
+
+def test_train_with_augment_views_caches_them_and_trains(tiny_dinov2_dir, tmp_path):
+    from captioner.data.scenes import generate_scenes
+    from captioner.training.arguments import parse_train_args
+    from captioner.training.trainer import train
+
+    scenes = generate_scenes(tmp_path / "scenes", n=8, seed=1)
+    spec = (f"vision={tiny_dinov2_dir},text=scratch,vision_layers=2,decoder_hidden_size=32,"
+            "decoder_layers=1,decoder_heads=2")  # fmt: skip
+    args = parse_train_args([
+        "--model", spec, "--data", str(scenes), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "2", "--eval_strategy", "no", "--test_size", "0",
+        "--per_device_train_batch_size", "4", "--augment_views", "2",
+        "--feature_cache", str(tmp_path / "features"), "--dataloader_num_workers", "0",
+    ])  # fmt: skip
+    train(*args[:2], args[3], args[2])
+    keys = set()
+    for shard in (tmp_path / "features").rglob("shard-*.safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(shard), framework="pt") as f:
+            keys |= set(f.keys())
+    assert len(keys) == 8 * 3  # each scene, and two views of it
+    assert sum("~v" in k for k in keys) == 16

@@ -12,6 +12,10 @@ or image size gets its own folder, and a later run with the same ones reuses the
 collator then hands the model the features instead of `pixel_values`, through the family's
 `cached_inputs` (VisionEncoderDecoder's `encoder_outputs`; LLaVA's projector input).
 
+With `--augment_views K` (augment.py) `fill` also stores K augmented views of each training
+image, keyed `<sha1>~v<k>~<ops hash>` (the ops its captions allow), once; the collator draws one
+of the K + 1 per image and epoch.
+
 A shard is trusted only if it proves it belongs here:
 
 - each shard records the fingerprint in its safetensors metadata; one that does not open (a
