@@ -13,6 +13,15 @@ Why batching does not change captions: every item in a batch has the same image 
 processor resizes) and the same prompt, so nothing is padded; greedy captions are the same as
 one-at-a-time captions (tested).
 
+Feature reuse: a frozen vision tower's output for an image never changes, and training may have
+cached it (training/features.py). Given a `features` source (image -> its tower output, or None),
+an image with features is not decoded, and a batch whose images all have them goes to generate
+as the family's `cached_inputs` instead of pixels: the tower does not run, the captions are the
+pixel path's (tested). A batch with any miss runs pixels for all its images, as without a source.
+Families that take cached features: VisionEncoderDecoder (`encoder_outputs`) and LLaVA (the
+projector input, through the family's forward pre-hook); the others ignore the source. The engine
+only asks the source; the jobs decide which cache belongs to the loaded model (by fingerprint).
+
 What differs between model families is asked of the family (models/families/): how images +
 prompt become generate's inputs (run in the loader worker, beside image decoding), what generate
 needs besides the decoding options, and how the prompt comes off the output. For GIT, BLIP and
@@ -37,6 +46,7 @@ import torch
 from PIL import Image
 from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import BaseModelOutput
 
 from captioner.data.fetch import fetch, is_url
 from captioner.data.images import load_image, source_name
@@ -58,6 +68,9 @@ GPU_MAX_BATCH = 256
 
 # Called with the number of images finished after each batch (the apps draw a progress bar).
 ProgressFn = Callable[[int], None]
+# An image source -> the vision tower's output for it (what the family's `cached_inputs` takes),
+# or None when it has none. Called in the loader worker: it must pickle (FeatureCache.get does).
+FeatureSource = Callable[[Any], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -98,22 +111,41 @@ def open_image(src: Any) -> Image.Image:
     return load_image(src)
 
 
-class _Images(torch.utils.data.Dataset):
-    """Decodes one image per item; a bad image becomes its BadImageError."""
+@dataclass
+class _Features:
+    """An image whose tower output came from the feature source: decoded only if its batch
+    has to run pixels after all (another image of the batch has no features)."""
 
-    def __init__(self, sources: Sequence[Any]) -> None:
+    source: Any
+    tensor: torch.Tensor
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decodes one image per item; a bad image becomes its BadImageError. With a feature source,
+    an image it has features for becomes `_Features` instead (no decoding)."""
+
+    def __init__(self, sources: Sequence[Any], features: FeatureSource | None = None) -> None:
         self.sources = sources
+        self.features = features
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int):
-        try:
-            image = open_image(self.sources[i])
-        except BadImageError as err:
-            return i, err
-        image.info["source"] = source_name(self.sources[i])  # names it if preprocessing fails
-        return i, image
+        if self.features is not None:
+            tensor = self.features(self.sources[i])
+            if tensor is not None:
+                return i, _Features(self.sources[i], tensor)
+        return i, _decoded(self.sources[i])
+
+
+def _decoded(src: Any) -> Image.Image | BadImageError:
+    try:
+        image = open_image(src)
+    except BadImageError as err:
+        return err
+    image.info["source"] = source_name(src)  # names it if preprocessing fails
+    return image
 
 
 class _Batch:
@@ -122,8 +154,13 @@ class _Batch:
 
     def __init__(self, family: Family, processor, prompt: str | None, config) -> None:
         self.family, self.processor, self.prompt, self.config = family, processor, prompt, config
+        self._pixel_size: tuple[int, int] | None = None
 
     def __call__(self, items: list[tuple[int, Any]]):
+        if any(isinstance(x, _Features) for _, x in items) and not all(
+            isinstance(x, (_Features, BadImageError)) for _, x in items
+        ):  # a miss: the whole batch runs pixels (one generate call, one kind of input)
+            items = [(i, _decoded(x.source) if isinstance(x, _Features) else x) for i, x in items]
         good = [(i, im) for i, im in items if not isinstance(im, BadImageError)]
         errors = [(i, e) for i, e in items if isinstance(e, BadImageError)]
         try:
@@ -135,17 +172,35 @@ class _Batch:
                     self._inputs([(i, image)])
                     kept.append((i, image))
                 except Exception as err:  # noqa: BLE001 - reported per image
-                    name = image.info.get("source", f"image {i}")
+                    name = (
+                        source_name(image.source) if isinstance(image, _Features)
+                        else image.info.get("source", f"image {i}")
+                    )  # fmt: skip
                     errors.append((i, BadImageError(name, f"cannot preprocess: {err}")))
             return self._inputs(kept), errors
 
     def _inputs(self, good: list[tuple[int, Any]]):
         if not good:
             return [], None, 0
+        if isinstance(good[0][1], _Features):  # every image of the batch has features
+            features = torch.stack([f.tensor for _, f in good])
+            inputs, prompt_tokens = self.family.prompt_inputs(
+                self.processor, self.config, self.prompt, len(good), self.pixel_size()
+            )
+            inputs = {**self.family.cached_inputs(features), **inputs}
+            return [i for i, _ in good], inputs, prompt_tokens
         inputs, prompt_tokens = self.family.generation_inputs(
             self.processor, [image for _, image in good], self.prompt, self.config
         )
         return [i for i, _ in good], inputs, prompt_tokens
+
+    def pixel_size(self) -> tuple[int, int]:
+        """(height, width) of the pixels the processor makes (a fixed-pixels family makes one
+        size): LLaVA's prompt ids depend on it, and features have no pixels to measure."""
+        if self._pixel_size is None:
+            pixels = self.family.pixel_values(self.processor, [Image.new("RGB", (64, 64))])
+            self._pixel_size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+        return self._pixel_size
 
 
 class Captioner:
@@ -163,6 +218,9 @@ class Captioner:
         self.family = family_of(model)
         # A model trained with --prompt captions with it unless told otherwise.
         self.default_prompt: str | None = None
+        # Cached vision-tower outputs by image (the jobs set it for a model whose tower has a
+        # filled feature cache); `caption_iter(features=...)` overrides it per call.
+        self.features: FeatureSource | None = None
 
     @classmethod
     def from_pretrained(
@@ -264,6 +322,7 @@ class Captioner:
         progress: ProgressFn | None = None,
         details: bool = False,
         listener: StreamListener | None = None,
+        features: FeatureSource | None = None,
         **options: Any,
     ) -> Iterator[tuple[int, str | list[str] | BadImageError]]:
         """Yield `(index, caption)` in input order, batch by batch, for big jobs.
@@ -275,7 +334,10 @@ class Captioner:
         `details`, captions are `Generated` strings that also carry the number of tokens
         generated and why generation stopped ("stop": an end token; "length": max_new_tokens).
         A `listener` is told each image's text as it is generated and each caption when it is
-        done (what `caption_stream` and the server's batcher stream from).
+        done (what `caption_stream` and the server's batcher stream from). `features` (default:
+        `self.features`) gives an image's cached vision-tower output or None: a batch whose
+        images all have one skips decoding and the tower (families with `feature_cache` only;
+        same captions).
         """
         asked = (decoding or DecodingOptions()).replace(**options)
         decoding = self.resolve(asked)
@@ -295,8 +357,9 @@ class Captioner:
         if num_workers is None:
             # A worker process costs ~1 s to start; worth it only when there is work to overlap.
             num_workers = 1 if len(images) > 2 * batch_size else 0
+        features = self._feature_source(features, decoding)
         loader = torch.utils.data.DataLoader(
-            _Images(images),
+            _Images(images, features),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_Batch(self.family, self.processor, decoding.prompt, self.model.config),
@@ -413,6 +476,29 @@ class Captioner:
 
     # ---- internals ----
 
+    def _feature_source(
+        self, features: FeatureSource | None, decoding: DecodingOptions
+    ) -> FeatureSource | None:
+        """The source to use, or None where this model cannot take cached features (a family
+        without `cached_inputs`, an ONNX export)."""
+        features = self.features if features is None else features
+        if features is None:
+            return None
+        family = self.family
+        if not (family.feature_cache and family.fixed_pixels) or not isinstance(
+            self.model, GenerationMixin
+        ):
+            log.debug("%s models do not take cached features: running the tower", family.name)
+            return None
+        if decoding.sequences_per_image > 1 and set(family.cached_inputs(torch.zeros(1))) != {
+            "encoder_outputs"
+        }:
+            # generate repeats `encoder_outputs` per beam / returned sequence, but not LLaVA's
+            # projector input (it expands only projected features): pixels then.
+            return None
+        family.use_cached_features(self.model)  # LLaVA: the projector hook (once per model)
+        return features
+
     def _generate_kwargs(self, decoding: DecodingOptions) -> dict[str, Any]:
         kwargs = {**self.family.generate_kwargs(self.processor, self.model)}
         kwargs.update(decoding.generate_kwargs())
@@ -434,6 +520,10 @@ class Captioner:
         (greedy/sampled, one sequence per image, a transformers generate) and for stopping the
         rows whose caller left (`listener.cancelled`)."""
         inputs = {k: self._to_device(v) for k, v in inputs.items()}
+        if isinstance(inputs.get("encoder_outputs"), tuple):
+            # Cached tower outputs as the forward takes them; generate expands a ModelOutput's
+            # tensors for beams and num_return_sequences, not a tuple's.
+            inputs["encoder_outputs"] = BaseModelOutput(*inputs["encoder_outputs"])
         ends, starts = self._end_ids(gen_kwargs), self._start_ids()
         kwargs = gen_kwargs
         if stream is not None and self._streams(decoding):
@@ -471,7 +561,12 @@ class Captioner:
         return {i for i in starts if i is not None}
 
     def _to_device(self, value: Any) -> Any:
-        """Tensors to the model's device; floating ones (pixels) in the model's dtype."""
+        """Tensors to the model's device; floating ones (pixels, features) in the model's dtype,
+        inside the tuples and dicts cached inputs come in."""
+        if isinstance(value, tuple):
+            return tuple(self._to_device(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._to_device(v) for k, v in value.items()}
         if not isinstance(value, torch.Tensor):
             return value
         if value.is_floating_point():

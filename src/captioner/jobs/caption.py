@@ -88,6 +88,11 @@ class CaptionOptions:
     batch_size: int | None = _flag(None, "Images per generate call (default: automatic; Ray 32).")
     seed: int | None = _flag(None, "Makes --do_sample repeatable.")
     progress: bool = _flag(True, "Progress bar (stderr).")
+    feature_cache: str = _flag(
+        "auto",
+        "Cached vision-tower outputs of these images (captioner train fills them): auto (the "
+        "model's own cache, if it has one) | off | a feature-cache folder.",
+    )
     engine: str = _flag("local", "local | ray (the images on a pool of Ray actors).")
     ray_address: str | None = _flag(None, "Ray: join this cluster (default: a local instance).")
     num_workers: int | None = _flag(
@@ -172,7 +177,9 @@ def run_caption(
     `stdout` (JSONL), sidecars beside the images. Returns what was done."""
     options = job.options
     plan = _plan(job, stdin)
-    work = Work(job.model, job.load, job.decoding, options.batch_size, options.seed)
+    work = Work(
+        job.model, job.load, job.decoding, options.batch_size, options.seed, options.feature_cache
+    )
     writer: RowWriter | None = None
     with progress_bar(len(plan.todo), "captioning", enabled=options.progress) as advance:
         results = _execute(options, plan.todo, work, advance) if plan.todo else iter(())

@@ -27,6 +27,7 @@ from captioner.engine import Captioner
 from captioner.errors import CaptionerError
 from captioner.evaluation.evaluate import EvalResult, evaluate, teacher_forced_wer
 from captioner.evaluation.report import write_eval_report
+from captioner.jobs.executors.features import reuse_features
 from captioner.jobs.progress import progress_bar
 from captioner.models.build import training_options
 from captioner.options import LoadOptions
@@ -50,6 +51,9 @@ class EvalJob:
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     batch_size: int | None = None
     load: LoadOptions = field(default_factory=LoadOptions)  # device, dtype, int8, remote code
+    # Cached vision-tower outputs of the split's images: auto | off | a folder
+    # (jobs/executors/features.py).
+    feature_cache: str = "auto"
 
 
 def split_options(model: str, given: dict[str, Any]) -> tuple[DataArguments, int]:
@@ -120,6 +124,7 @@ def run_eval(job: EvalJob) -> tuple[list[EvalResult], dict[str, float] | None]:
     results, teacher_forced = [], {} if job.teacher_forced else None
     for name in [job.model] + ([job.compare] if job.compare else []):
         captioner = Captioner.from_pretrained(name, job.load)
+        reuse_features(captioner, name, job.feature_cache)  # a frozen tower's cached outputs
         total = len(first_rows(dataset, max_samples))
         with progress_bar(total, f"evaluating {name}") as advance:
             result = evaluate(

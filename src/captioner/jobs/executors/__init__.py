@@ -26,13 +26,15 @@ Progress = Callable[[int], None] | None
 @dataclass(frozen=True)
 class Work:
     """What an executor runs: the model (a path or Hub id; a loaded `Captioner` locally), how it
-    loads, how it decodes, how many images go through it at once, and the sampling seed."""
+    loads, how it decodes, how many images go through it at once, the sampling seed, and where
+    its tower's cached features may be (executors/features.py: auto | off | a folder)."""
 
     model: Any
     load: LoadOptions = field(default_factory=LoadOptions)
     decoding: DecodingOptions | None = None
     batch_size: int | None = None
     seed: int | None = None
+    feature_cache: str = "auto"
 
 
 class ImageFailed(Exception):

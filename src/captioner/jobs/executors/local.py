@@ -12,10 +12,13 @@ def caption_here(images: list[str], work: Work, progress: Progress = None) -> Re
     import torch  # here, not at import: the CLI imports the job module for its --help
 
     from captioner.engine import Captioner
+    from captioner.jobs.executors.features import reuse_features
 
     captioner = work.model
     if not isinstance(captioner, Captioner):
         captioner = Captioner.from_pretrained(work.model, work.load)
+        # a loaded Captioner keeps the feature source its owner gave it (or none)
+        reuse_features(captioner, work.model, work.feature_cache)
     if work.seed is not None:
         torch.manual_seed(work.seed)
     yield from captioner.caption_iter(

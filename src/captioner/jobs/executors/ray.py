@@ -35,10 +35,13 @@ class _CaptionActor:
         import torch
 
         from captioner.engine import Captioner
+        from captioner.jobs.executors.features import reuse_features
 
         torch.set_num_threads(threads)
         self.work = work
         self.captioner = Captioner.from_pretrained(work.model, work.load)
+        # the actor's machine's cache (a shared folder serves every actor)
+        reuse_features(self.captioner, work.model, work.feature_cache)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         # names travel as bytes: Arrow strings must be UTF-8, a file name need not be
