@@ -1,0 +1,96 @@
+"""Feature reuse at captioning time: a model whose frozen vision tower has a filled feature cache
+(training/features.py; `captioner train` fills one) captions those images from the cached tower
+outputs instead of running the tower again.
+
+The cache is found, never made: its folder is `<root>/<fingerprint>`, where the fingerprint
+hashes the loaded model's tower (class, config, weights) and image processor, so a cache of
+another tower, layer cut or image size is never used, and nothing is written here. `setting`:
+
+- "auto" (the default): the folder the model was trained with (`--feature_cache DIR` in its
+  captioner_config.json), else the standard root (`$CAPTIONER_CACHE/features`, by default
+  `~/.cache/captioner/features`), as training's `--feature_cache auto` uses;
+- "off": never;
+- a folder: that root.
+
+Only a float32 tower qualifies: the cache holds float32 outputs, and a bfloat16 or int8 tower
+gives other features than its own pixel path would (and its weights do not hash the same).
+Families: VisionEncoderDecoder and LLaVA (those with `feature_cache`); the others run pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from captioner.models.build import training_options
+
+if TYPE_CHECKING:
+    from captioner.engine import Captioner
+
+log = logging.getLogger(__name__)
+
+FEATURE_CACHE_HELP = "auto (the cache training filled, if any) | off | a feature-cache folder."
+
+
+def default_feature_root() -> Path:
+    """Where `captioner train --feature_cache auto` puts features (training/trainer.py)."""
+    base = os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner"
+    return Path(base) / "features"
+
+
+def reuse_features(captioner: Captioner, model: Any = None, setting: str = "auto") -> Any:
+    """Point `captioner` at the feature cache of its tower when one exists and holds features
+    (`model`: the folder it was loaded from, for its training's cache folder). Returns the
+    `FeatureCache` in use, or None (then captioning runs pixels, as always)."""
+    family = getattr(captioner, "family", None)  # None: a stand-in (tests mock the loading)
+    if setting == "off" or family is None or not family.feature_cache:
+        return None
+    roots = [r for r in _roots(model, setting) if _has_folders(r)]
+    if not roots:  # checked first: the fingerprint hashes every tower weight
+        return None
+    if not isinstance(captioner.model, torch.nn.Module):  # an ONNX export
+        return None
+    encoder = family.feature_encoder(captioner.model)
+    image_processor = getattr(captioner.processor, "image_processor", None)
+    if encoder is None or image_processor is None:
+        return None
+    if any(p.dtype != torch.float32 for p in encoder.parameters()):
+        log.info("feature cache: not used with a %s tower (it holds float32 outputs)",
+                 next(encoder.parameters()).dtype)  # fmt: skip
+        return None
+    from captioner.training.features import FeatureCache  # jobs sit above training
+
+    for root in roots:
+        try:
+            cache = FeatureCache(root, encoder, image_processor, max_bytes=0)  # never filled here
+        except (TypeError, RuntimeError) as err:  # a tower whose weights do not hash (quantized)
+            log.info("feature cache: not used (%s)", err)
+            return None
+        if cache.dir.is_dir() and cache.index():
+            log.info("feature cache %s: reusing the tower outputs of %d images", cache.dir,
+                     len(cache.index()))  # fmt: skip
+            captioner.features = cache.get
+            return cache
+    return None
+
+
+def _roots(model: Any, setting: str) -> list[Path]:
+    if setting != "auto":
+        return [Path(setting)]
+    roots = []
+    if isinstance(model, (str, os.PathLike)):
+        trained = training_options(model).get("feature_cache")
+        if isinstance(trained, str) and trained not in ("auto", "off"):
+            roots.append(Path(trained))
+    return [*roots, default_feature_root()]
+
+
+def _has_folders(root: Path) -> bool:
+    try:
+        return root.is_dir() and any(p.is_dir() for p in root.iterdir())
+    except OSError:
+        return False
