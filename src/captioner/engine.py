@@ -480,14 +480,17 @@ class Captioner:
         self, features: FeatureSource | None, decoding: DecodingOptions
     ) -> FeatureSource | None:
         """The source to use, or None where this model cannot take cached features (a family
-        without `cached_inputs`, an ONNX export)."""
+        without `cached_inputs`, an ONNX export). A peft-wrapped model (the training callback
+        with LoRA) passes the cached inputs through to the model inside."""
         features = self.features if features is None else features
         if features is None:
             return None
         family = self.family
+        get_base = getattr(self.model, "get_base_model", None)  # peft: the model inside
+        base = get_base() if callable(get_base) else self.model
         if not (family.feature_cache and family.fixed_pixels) or not isinstance(
-            self.model, GenerationMixin
-        ):
+            base, GenerationMixin
+        ):  # an ONNX export runs its own vision part
             log.debug("%s models do not take cached features: running the tower", family.name)
             return None
         if decoding.sequences_per_image > 1 and set(family.cached_inputs(torch.zeros(1))) != {

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import PreTrainedModel
 
 from captioner.models.build import training_options
 
@@ -52,7 +53,9 @@ def reuse_features(captioner: Captioner, model: Any = None, setting: str = "auto
     roots = [r for r in _roots(model, setting) if _has_folders(r)]
     if not roots:  # checked first: the fingerprint hashes every tower weight
         return None
-    if not isinstance(captioner.model, torch.nn.Module):  # an ONNX export
+    get_base = getattr(captioner.model, "get_base_model", None)  # peft: the model inside
+    base = get_base() if callable(get_base) else captioner.model
+    if not isinstance(base, PreTrainedModel):  # an ONNX export runs its own vision part
         return None
     encoder = family.feature_encoder(captioner.model)
     image_processor = getattr(captioner.processor, "image_processor", None)
