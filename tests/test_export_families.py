@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 import torch  # noqa: E402
 from conftest import TINY_CAPTIONS, make_images  # noqa: E402
-from tiny_vlms import _byte_level_tokenizer, build_tiny_vlm  # noqa: E402
+from tiny_vlms import _byte_level_tokenizer, _llama, build_tiny_vlm  # noqa: E402
 
 from captioner.engine import Captioner  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
@@ -34,13 +34,7 @@ def _tiny_llama(out: Path) -> Path:
         [*TINY_CAPTIONS, "Caption:"], ["<pad>", "<s>", "</s>"], bos="<s>", eos="</s>",
         pad="<pad>", template="<s> $A", vocab_size=300,
     )  # fmt: skip
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(out)
+    LlamaForCausalLM(LlamaConfig(**_llama(len(tok), tok))).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -101,6 +95,25 @@ def test_export_captions_like_the_torch_model(kind, models, images):
     onnx = Captioner.from_pretrained(onnx_dir)
     assert onnx.caption(images, max_new_tokens=10, batch_size=4) == expected
     assert len(set(expected)) >= 3  # captions differ per image: not trivially equal
+
+
+@pytest.mark.parametrize("kind", ["llava", "gemma3"])
+def test_prompt_logits_match_the_torch_model(kind, models, images):
+    """The first next-token scores after the prompt (image features merged into the embeddings,
+    the image tokens' attention as the model has it: Gemma 3's see each other both ways) agree
+    with the torch forward's to float32 rounding, not only in their argmax."""
+    from PIL import Image
+
+    model_dir, onnx_dir = models(kind)
+    model, processor = load_model(model_dir)
+    family = family_named("llava" if kind == "llava" else "chat")
+    pil = [Image.open(p).convert("RGB") for p in images[:3]]
+    inputs, _ = family.generation_inputs(processor, pil, None, model.config)
+    with torch.no_grad():
+        expected = model(**inputs).logits[:, -1]
+    runner, _ = load_onnx(onnx_dir)
+    _, _, logits = runner._start({k: v for k, v in inputs.items() if torch.is_tensor(v)})
+    assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-4)
 
 
 def test_options_reach_the_onnx_decoder(models, images):

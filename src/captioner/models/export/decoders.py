@@ -92,19 +92,23 @@ class _CrossStep(nn.Module):
 
 
 class _EmbedsStep(nn.Module):
-    """(inputs_embeds, 2-D attention mask over past + new, positions, past) -> (logits of the
-    last position, the grown past)."""
+    """(inputs_embeds, 2-D attention mask over past + new, positions, [image positions over
+    past + new], past) -> (logits of the last position, the grown past)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, image_blocks: bool) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.image_blocks = model, image_blocks
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past: torch.Tensor):
+    def forward(self, inputs_embeds, attention_mask, position_ids, *rest: torch.Tensor):
+        past = rest[1:] if self.image_blocks else rest
         total, new = attention_mask.shape[1], inputs_embeds.shape[1]
         keys = torch.arange(total).view(1, -1)
         queries = (torch.arange(new) + (total - new)).view(-1, 1)
         # causal, minus padding; a padding query sees itself so that its row is never all -inf
         seen = (keys <= queries) & (attention_mask[:, None, None, :].bool() | (keys == queries))
+        if self.image_blocks:  # image tokens also see the image tokens after them
+            image = rest[0].bool()
+            seen = seen | (image[:, None, total - new :, None] & image[:, None, None, :])
         mask = torch.zeros(seen.shape, dtype=inputs_embeds.dtype).masked_fill(
             ~seen, torch.finfo(inputs_embeds.dtype).min
         )
@@ -174,8 +178,10 @@ def export_parts(
             mask = torch.ones(2, TRACE_PAST + 4, dtype=torch.long)
             mask[0, :2] = 0  # a left-padded row
             step_args = [embeds, mask, torch.arange(TRACE_PAST, TRACE_PAST + 4).expand(2, 4)]
+            if parts.image_blocks:
+                step_args.append(torch.zeros_like(mask).index_fill(1, torch.tensor([3, 4]), 1))
             pasts = _lm_past_shapes(parts.text, features)
-            step, fixed, fixed_args = _EmbedsStep(parts.text), [], []
+            step, fixed, fixed_args = _EmbedsStep(parts.text, parts.image_blocks), [], []
             meta.update(table=TABLE_FILE, image_token_id=parts.image_token_id,
                         hidden=int(features.shape[-1]))  # fmt: skip
         past = [torch.randn(2, heads, TRACE_PAST, size) for heads, size in pasts]
@@ -183,13 +189,15 @@ def export_parts(
         past_names, present_names = cache_names("past", layers), cache_names("present", layers)
         step_inputs = (["input_ids", "position_ids", "encoder_hidden_states"]
                        if parts.kind == "cross" else
-                       ["inputs_embeds", "attention_mask", "position_ids"])  # fmt: skip
+                       ["inputs_embeds", "attention_mask", "position_ids",
+                        *(["image_positions"] if parts.image_blocks else [])])  # fmt: skip
         axes = {n: {0: "batch", 1: "new"} for n in step_inputs}
         axes.update({n: {0: "batch", 2: "past"} for n in past_names})
         axes.update({n: {0: "batch", 2: "total"} for n in present_names})
         axes.update({n: {0: "batch"} for n in ["logits", *fixed]})
-        if parts.kind == "embeds":
-            axes["attention_mask"] = {0: "batch", 1: "total"}
+        for name in ("attention_mask", "image_positions"):
+            if name in step_inputs:
+                axes[name] = {0: "batch", 1: "total"}
         _export(step, [*step_args, *past, *fixed_args], folder / TEXT_FILE,
                 [*step_inputs, *past_names, *fixed], ["logits", *present_names], axes)  # fmt: skip
     meta["past_shapes"] = [list(s) for s in pasts]
@@ -298,6 +306,7 @@ class OnnxEmbedsModel(_StepModel):
         positions = np.clip(mask.cumsum(1) - 1, 0, None)
         state = self._empty_past(len(ids))
         state["attention_mask"] = mask
+        state["image_positions"] = where.astype(np.int64)  # fed where the graph takes it
         feed = {"inputs_embeds": embeds, "position_ids": positions}
         logits = self._run_step(state, feed)
         state["position"] = positions[:, -1] + 1
@@ -305,9 +314,9 @@ class OnnxEmbedsModel(_StepModel):
 
     def _next(self, state: State, tokens: np.ndarray) -> np.ndarray:
         rows = len(tokens)
-        state["attention_mask"] = np.concatenate(
-            [state["attention_mask"], np.ones((rows, 1), np.int64)], axis=1
-        )
+        for name, value in (("attention_mask", 1), ("image_positions", 0)):
+            grown = np.full((rows, 1), value, np.int64)
+            state[name] = np.concatenate([state[name], grown], axis=1)
         feed = {
             "inputs_embeds": np.asarray(self.table[tokens], dtype=np.float32)[:, None],
             "position_ids": state["position"].reshape(-1, 1),

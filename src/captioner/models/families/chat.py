@@ -48,8 +48,9 @@ class ChatFamily(Family):
             raise CaptionerError(f"cannot export a {model.config.model_type} model to ONNX: {why}")
         accepted = inspect.signature(model.get_image_features).parameters
         names = ("pixel_values", *(n for n in VISION_EXTRAS if n in accepted))
+        blocks = "token_type_ids" in inspect.signature(model.forward).parameters
         return OnnxParts("embeds", ImageFeatures(model, names), model, names,
-                         image_token_id(model.config))  # fmt: skip
+                         image_token_id(model.config), image_blocks=blocks)  # fmt: skip
 
     def prompt_text(self, processor, prompt: str | None) -> str:
         return processor.apply_chat_template(

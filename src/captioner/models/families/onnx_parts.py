@@ -29,6 +29,9 @@ class OnnxParts:
     # Processor outputs the vision graph takes, in order (pixel_values first).
     vision_inputs: tuple[str, ...] = ("pixel_values",)
     image_token_id: int | None = None  # embeds: the token whose embeddings are the features
+    # embeds: the image tokens of a prompt attend to each other both ways (Gemma 3, whose
+    # forward takes token_type_ids for that), not only causally
+    image_blocks: bool = False
 
 
 class EncoderStates(nn.Module):
