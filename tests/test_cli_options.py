@@ -182,3 +182,28 @@ def test_review_takes_the_shared_server_and_load_flags(monkeypatch):
     assert seen["image_column"] == "file" and seen["caption_column"] is None
     bad = CliRunner().invoke(app, ["review", "DATA", "--api_key", " "])
     assert "--api_key must not be empty" in str(bad.exception)
+
+
+@pytest.mark.parametrize("setting", ["auto", "off", "some/folder"])
+def test_eval_and_caption_take_the_feature_cache_setting(setting, monkeypatch):
+    """Both commands hand `--feature_cache` to their job (default auto: the model's own cache)."""
+    import captioner.jobs.caption as caption_job
+    import captioner.jobs.evaluate as eval_job
+
+    seen: list[str] = []
+
+    def run_eval(job):
+        seen.append(job.feature_cache)
+        raise Stop("stop")
+
+    def run_caption(job, *args, **kwargs):
+        seen.append(job.options.feature_cache)
+        raise Stop("stop")
+
+    monkeypatch.setattr(eval_job, "run_eval", run_eval)
+    monkeypatch.setattr(caption_job, "run_caption", run_caption)
+    flag = [] if setting == "auto" else ["--feature_cache", setting]
+    for argv in (["eval", "MODEL", "DATA"], ["caption", "MODEL", "x.png", "--no_progress"]):
+        result = CliRunner().invoke(app, [*argv, *flag])
+        assert isinstance(result.exception, Stop), (result.output, result.exception)
+    assert seen == [setting, setting]

@@ -381,6 +381,12 @@ def eval_command(
     metric: list[str] = typer.Option(
         [], "--metric", help="Extra metric: teacher_forced_wer (the guide's number)."
     ),
+    feature_cache: str = typer.Option(
+        "auto",
+        "--feature_cache",
+        help="Cached vision-tower outputs of these images (captioner train fills them): auto "
+        "(the model's own cache, if it has one) | off | a feature-cache folder.",
+    ),
     decoding: DecodingOptions = None,  # type: ignore[assignment]
     load: LoadOptions = None,  # type: ignore[assignment]
     data_options: dict = None,  # type: ignore[assignment]
@@ -408,6 +414,7 @@ def eval_command(
         decoding=decoding,
         batch_size=batch_size,
         load=load,
+        feature_cache=feature_cache,
     )
     results, teacher_forced = run_eval(job)
     table = Table(title=escape(f"{source} [{split}]"))
