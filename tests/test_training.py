@@ -410,3 +410,23 @@ def test_without_java_every_metric_but_meteor_is_scored_the_same_way(monkeypatch
     for key in ("bleu_4", "rouge_l", "cider", "wer", "exact_match"):
         assert without[key] == pytest.approx(with_java[key]), key
     assert without["exact_match"] == 0.5  # "a red star." == "A red star" once tokenized
+
+
+def test_label_smoothing_trains_a_vision_encoder_decoder(tiny_dinov2_dir, tmp_path):
+    """--label_smoothing_factor takes the labels out of the batch; VED's decoder inputs are
+    made from them first (without them its decoder got no input)."""
+    from captioner.data.scenes import generate_scenes
+    from captioner.training.arguments import parse_train_args
+
+    scenes = generate_scenes(tmp_path / "scenes", n=8, seed=1)
+    spec = (f"vision={tiny_dinov2_dir},text=scratch,vision_layers=2,decoder_hidden_size=32,"
+            "decoder_layers=1,decoder_heads=2")  # fmt: skip
+    model_args, data_args, decoding, training_args = parse_train_args([
+        "--model", spec, "--data", str(scenes), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "2", "--eval_strategy", "no", "--test_size", "0", "--logging_steps", "1",
+        "--per_device_train_batch_size", "4", "--label_smoothing_factor", "0.1",
+        "--feature_cache", str(tmp_path / "features"), "--dataloader_num_workers", "0",
+    ])  # fmt: skip
+    out = train(model_args, data_args, training_args, decoding)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in state["log_history"] if "loss" in e)

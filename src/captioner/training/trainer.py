@@ -388,6 +388,18 @@ class CaptionTrainer(Trainer):
         self.decoding = decoding or DecodingOptions()
         self.last_samples: list[tuple[str, list[str]]] = []  # (caption, references): the card's
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # With --label_smoothing_factor the Trainer takes `labels` out of the inputs and smooths
+        # the loss itself; an encoder-decoder (VisionEncoderDecoder) makes its decoder inputs
+        # from those labels, so without them its decoder would get no input at all.
+        if self.label_smoother is not None and "labels" in inputs:
+            prepare = getattr(
+                self.accelerator.unwrap_model(model), "prepare_decoder_input_ids_from_labels", None
+            )
+            if prepare is not None and "decoder_input_ids" not in inputs:
+                inputs = {**inputs, "decoder_input_ids": prepare(labels=inputs["labels"])}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def evaluation_loop(
         self,
         dataloader,
