@@ -276,7 +276,14 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     "res224": ("vision=dinov2-small,text=scratch,image_size=224,vision_layers=6", "train", EPOCHS),
     # combinations on the best layer cut
     "layers9_aug4": (f"{TINY},vision_layers=9", "train", [*EPOCHS, "--augment_views", "4"]),
+    "layers9_smooth": (
+        f"{TINY},vision_layers=9",
+        "train",
+        [*EPOCHS, "--label_smoothing_factor", "0.1"],
+    ),
     "layers9_papirus": (f"{TINY},vision_layers=9", "train_papirus", ["--num_train_epochs", "10"]),
+    # the chosen recipe as a preset (= layers9): `build` then `run --recipe drawings` is part 6
+    "drawings": ("dinov2-drawings", "train", EPOCHS),
     # LLaVA (issue 18 part 2's preset), bounded to <= 20 min of training here: LoRA + projector
     "smollm2": ("dinov2-smollm2", "train", LLAVA_FLAGS),
 }
@@ -353,6 +360,8 @@ def table(out: Path) -> str:
             "|---|---|---|---:|---|" + "---|" * len(splits)]  # fmt: skip
     for path in sorted((out / "runs").glob("*/results.json"), key=lambda p: p.stat().st_mtime):
         r = json.loads(path.read_text())
+        if "load_after_train" not in r:  # a `scenes` check: not a benchmark run
+            continue
         cells = []
         for split in splits:
             m = r.get(split, {})

@@ -240,3 +240,12 @@ def test_blip_and_ved_train_and_resume(family, tiny_dinov2_dir, scenes, tmp_path
 def _four(args):
     model_args, data_args, decoding, training_args = args
     return model_args, data_args, training_args, decoding
+
+
+def test_the_drawings_preset_is_dinov2_tiny_cut_at_layer_9():
+    from captioner.models.build import preset_config
+
+    tiny = CompositeSpec.from_dict(preset_config("dinov2-tiny"))
+    drawings = CompositeSpec.from_dict(preset_config("dinov2-drawings"))
+    assert (tiny.vision_layers, drawings.vision_layers) == (6, 9)  # measured: bench/RESULTS.md
+    assert {**vars(drawings), "vision_layers": 6} == vars(tiny)
