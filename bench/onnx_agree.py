@@ -20,6 +20,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("float32", "bfloat16", "bfloat16-cast", "onnx", "onnx-int8")
+# int8 variants re-quantized from the float32 export, to see what the defaults buy
+VARIANTS = {
+    "onnx-int8-head": {"keep_head": False},  # the logits MatMul quantized too
+    "onnx-int8-tensor": {"per_channel": False},  # one scale per weight matrix
+}
 
 
 def captioner_for(mode: str, model_dir: Path, work: Path):
@@ -28,6 +33,8 @@ def captioner_for(mode: str, model_dir: Path, work: Path):
     from captioner.models.build import load_model
     from captioner.models.export import export_onnx
 
+    if mode in VARIANTS:
+        return Captioner.from_pretrained(_variant(work, mode)), None
     if mode.startswith("onnx"):
         start = time.perf_counter()
         out = export_onnx(model_dir, work / mode, int8=mode == "onnx-int8", overwrite=True)
@@ -38,6 +45,23 @@ def captioner_for(mode: str, model_dir: Path, work: Path):
     else:
         model = precision.prepare(model, dtype=mode)
     return Captioner(model, processor, device="cpu"), None
+
+
+def _variant(work: Path, mode: str) -> Path:
+    import json
+    import shutil
+
+    from captioner.models.export import FORMAT_FILE
+    from captioner.models.export.quantize import quantize
+
+    out = work / mode
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(work / "onnx", out)  # the float32 export: run "onnx" before the variants
+    for graph in out.glob("*.onnx"):
+        quantize(work / "onnx" / graph.name, graph, **VARIANTS[mode])
+    meta = json.loads((out / FORMAT_FILE).read_text())
+    (out / FORMAT_FILE).write_text(json.dumps({**meta, "int8": mode}))
+    return out
 
 
 def main() -> None:

@@ -35,8 +35,9 @@ def logits_matmuls(path: Path) -> list[str]:
     return found
 
 
-def quantize(src: Path, dst: Path, *, keep_head: bool = True) -> None:
-    """Write `src` with int8 linear weights to `dst` (the logits MatMul kept when `keep_head`)."""
+def quantize(src: Path, dst: Path, *, keep_head: bool = True, per_channel: bool = True) -> None:
+    """Write `src` with int8 linear weights to `dst` (the logits MatMul kept when `keep_head`;
+    `per_channel=False` and `keep_head=False` are there to measure what they change)."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as err:
@@ -51,7 +52,7 @@ def quantize(src: Path, dst: Path, *, keep_head: bool = True) -> None:
     root.addFilter(quiet)
     try:
         quantize_dynamic(
-            str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+            str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=exclude,
         )  # fmt: skip
     finally:
