@@ -154,6 +154,12 @@ def test_families_that_cannot_be_exported_say_why_in_one_line(tmp_path, monkeypa
             export_onnx("some-model", tmp_path / name)
         assert str(info.value).startswith(f"cannot export a {name} model to ONNX: ")
         assert "\n" not in str(info.value)
+    # a model whose vision code the tracer cannot express (SmolVLM's patch mask: Unfold / |=)
+    smolvlm = build_tiny_vlm("smolvlm", tmp_path / "smolvlm", TINY_CAPTIONS)
+    monkeypatch.undo()
+    with pytest.raises(CaptionerError, match=r"^cannot export this model to ONNX: ") as info:
+        export_onnx(smolvlm, tmp_path / "smolvlm-onnx")
+    assert "\n" not in str(info.value)
     # a chat model whose rotary positions come from the image grid (Qwen2-VL) is refused too
     qwen = SimpleNamespace(config=SimpleNamespace(model_type="qwen2_vl"), get_rope_index=None)
     with pytest.raises(CaptionerError, match=r"^cannot export a qwen2_vl model .*M-RoPE"):

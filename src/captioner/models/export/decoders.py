@@ -123,10 +123,17 @@ class _EmbedsStep(nn.Module):
 def _export(module, args, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python ints are expected here
-        torch.onnx.export(
-            module, tuple(args), str(path), input_names=inputs, output_names=outputs,
-            dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-        )  # fmt: skip
+        try:
+            torch.onnx.export(
+                module, tuple(args), str(path), input_names=inputs, output_names=outputs,
+                dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+            )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - an op the tracer cannot express: one line
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            raise CaptionerError(
+                f"cannot export this model to ONNX: torch.onnx cannot trace its {path.stem} "
+                f"graph ({type(err).__name__}: {first})"
+            ) from None
 
 
 def _example(family: Family, processor, config) -> dict[str, Any]:
