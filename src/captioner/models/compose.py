@@ -3,7 +3,7 @@ composite classes, so every result loads with plain `from_pretrained`.
 
 A composition is written as a spec: `vision=NAME,text=NAME[,key=value...]` on the command line
 (`captioner train --model vision=dinov2-small,text=scratch,vision_layers=6`), or a preset JSON
-file in `presets/` (`dinov2-tiny`, `dinov2-smollm2`). The parts:
+file in `presets/` (`dinov2-tiny`, `dinov2-drawings`, `dinov2-smollm2`). The parts:
 
 - `vision`: a part name (`captioner parts list`: converted once from a registry package), a
   local folder or a Hub id of any AutoModel vision tower (DINOv2, ViT, SigLIP/CLIP vision...).
@@ -23,8 +23,12 @@ Two families (`family=`; unset, it follows from `text`):
 - `llava`: `LlavaForConditionalGeneration`, for decoder-only LMs, which cannot cross-attend: the
   tower's hidden states (`vision_feature_layer`, default the last kept layer; `full` keeps
   DINOv2's CLS token) go through a 2-layer MLP projector (the only part that starts random) into
-  the LM's input sequence, at the positions of an added `<image>` token. Pretrained tower and LM
-  weights are loaded whole (every key must match).
+  the LM's input sequence, at the positions of an added `<image>` token. Several layers
+  (`vision_feature_layer=3+6`, a list in a preset) are concatenated on the feature axis, as
+  transformers' LLaVA does (the projector input widens; plain `from_pretrained` loads it).
+  VisionEncoderDecoder takes the last kept layer only: for it the layer choice is the cut
+  (`vision_layers`; 6 for the scenes, 9 for real drawings: bench/RESULTS.md). Pretrained
+  tower and LM weights are loaded whole (every key must match).
 
 The LLaVA caption prompt is saved with the model as the processor's chat template
 (`chat_template.jinja`): a user turn renders as its images (`<image>`, which the processor
