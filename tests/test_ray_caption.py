@@ -256,11 +256,22 @@ def _inputs(run: Run) -> dict:
     return {"run": run("@list.txt", "manifest.jsonl")}
 
 
+def _feature_cache(run: Run) -> dict:
+    """Accepted the same by both (the reuse itself, with a tower that has a cache, is tested in
+    test_feature_reuse.py): an empty cache folder and `off` give the same rows."""
+    (run.root / "cache").mkdir()
+    return {
+        "folder": run("images", output="a.jsonl", feature_cache=str(run.root / "cache")),
+        "off": run("images", output="b.jsonl", feature_cache="off"),
+        "files": run.files(),
+    }
+
+
 SCENARIOS: dict[str, Callable] = {
     "output": _output, "sidecar": _sidecar, "caption_extension": _caption_extension,
     "skip_existing": _skip_existing, "overwrite": _overwrite, "resume": _resume,
     "retry_errors": _retry_errors, "on_collision": _on_collision, "batch_size": _batch_size,
-    "seed": _seed, "progress": _progress, "inputs": _inputs,
+    "seed": _seed, "progress": _progress, "inputs": _inputs, "feature_cache": _feature_cache,
 }  # fmt: skip
 
 
@@ -270,7 +281,7 @@ EVIDENCE = {
     "skip_existing": "kept", "overwrite": '"old gone": true', "resume": "from before",
     "retry_errors": '"captioned": 3', "on_collision": "img_000.jpg.txt",
     "batch_size": '"shards/shards": [4, 2]', "seed": '"repeatable": true', "progress": "[4, 4]",
-    "inputs": '"captioned": 3',
+    "inputs": '"captioned": 3', "feature_cache": "b.jsonl",
 }  # fmt: skip
 
 
