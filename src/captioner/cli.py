@@ -596,15 +596,21 @@ def push(
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="A model folder (GIT) to export."),
+    model: str = typer.Argument(..., help="A model folder to export."),
     out: str = typer.Argument(..., help="Folder for the ONNX graphs and the processor."),
     format: str = typer.Option("onnx", "--format", help="onnx (the only format)."),
-    int8: bool = typer.Option(False, "--int8", help="Quantize the graphs' weights to int8."),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="Quantize weights to int8 per channel (logits layer kept float32); keeps small "
+        "decoders' captions, not LLMs' (see bench/RESULTS.md).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
 ) -> None:
     """Export for onnxruntime; `captioner caption OUT ...` then runs it (greedy or sampling).
 
-    GIT exports; BLIP, VisionEncoderDecoder and LLaVA are refused with the reason."""
+    GIT, VisionEncoderDecoder, LLaVA, BLIP-2 and chat models export (a vision graph run once per
+    image, a text decoder with a KV cache); others are refused with the reason."""
     from captioner.models.export import export_onnx
 
     if format != "onnx":
