@@ -281,8 +281,13 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
         "train",
         [*EPOCHS, "--label_smoothing_factor", "0.1"],
     ),
+    "layers9_res168": (
+        "vision=dinov2-small,text=scratch,image_size=168,vision_layers=9",
+        "train",
+        EPOCHS,
+    ),
     "layers9_papirus": (f"{TINY},vision_layers=9", "train_papirus", ["--num_train_epochs", "10"]),
-    # the chosen recipe as a preset (= layers9): `build` then `run --recipe drawings` is part 6
+    # the chosen recipe as a preset (= layers9_res168): `build`, then `run --recipe drawings`
     "drawings": ("dinov2-drawings", "train", EPOCHS),
     # LLaVA (issue 18 part 2's preset), bounded to <= 20 min of training here: LoRA + projector
     "smollm2": ("dinov2-smollm2", "train", LLAVA_FLAGS),
