@@ -5,6 +5,8 @@ different artists (Debian icon themes), captioned by their names (`media-playbac
     .venv/bin/python bench/icons_bench.py build                 # apt download + render, ~3 min
     .venv/bin/python bench/icons_bench.py run --recipe baseline # train + eval every split
     .venv/bin/python bench/icons_bench.py table                 # markdown of every run so far
+    .venv/bin/python bench/icons_bench.py scenes --recipe X     # X on the demo's 4,000 scenes
+    .venv/bin/python bench/icons_bench.py run --recipe drawings # part 6: the chosen preset
 
 `build` downloads the theme packages with `apt-get download` (no install), unpacks them with
 `dpkg-deb -x` and renders one image per (theme, icon) at 128 px on white: PNG themes at their
