@@ -145,8 +145,18 @@ def test_labels_skip_the_start_token_the_decoder_is_given(tiny_dinov2_dir, tmp_p
 
 @pytest.mark.slow
 def test_composed_model_trains_on_cached_features_reloads_and_captions(
-    tiny_dinov2_dir, scenes, tmp_path
+    tiny_dinov2_dir, scenes, tmp_path, monkeypatch
 ):
+    import captioner.training.trainer as trainer_module
+
+    evals: list[bool] = []  # whether each generation-eval read the feature cache
+
+    class Recording(trainer_module.Captioner):
+        def caption_iter(self, images, *args, **kwargs):
+            evals.append(self.features is not None)
+            return super().caption_iter(images, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "Captioner", Recording)
     out = tmp_path / "run"
     args = parse_train_args(["--model", spec_for(tiny_dinov2_dir), "--data", str(scenes),
                              "--output_dir", str(out), "--max_steps", "4", "--eval_strategy",
@@ -158,6 +168,7 @@ def test_composed_model_trains_on_cached_features_reloads_and_captions(
     assert list((tmp_path / "features").rglob("shard-*.safetensors"))
     state = json.loads((out / "trainer_state.json").read_text())
     assert any("eval_cider" in e for e in state["log_history"])
+    assert evals and all(evals)  # generation-eval captioned from the cache, not pixels
     # only the decoder was trained: the vision tower is the pretrained one, unchanged
     trained, _ = load_model(out)
     tower, _ = load_model(out / "preset")

@@ -435,6 +435,9 @@ class CaptionTrainer(Trainer):
             dataset.shard(world, self.args.process_index, contiguous=True) if world > 1 else dataset
         )
         captioner = Captioner(self.model, self.processing_class, device=self.args.device)
+        features = getattr(self.data_collator, "features", None)
+        if features is not None:  # the frozen tower's cached outputs: eval images never decoded
+            captioner.features = features.get
         # ImageColumn hands the engine undecoded images one batch at a time: memory stays flat
         # whatever the eval split's size.
         predictions = captioner.caption(
