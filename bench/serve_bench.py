@@ -37,6 +37,8 @@ from pathlib import Path
 import httpx
 from PIL import Image, ImageDraw
 
+from captioner.serve.settings import ServerSettings
+
 CAPTIONS = [
     f"a {c} {s} on a {bg} background"
     for c in ("red", "green", "blue", "white")
@@ -249,7 +251,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000, help="per (mode, concurrency) cell")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max_batch_size", type=int, default=16, help="for the batching-on runs")
-    ap.add_argument("--max_wait_ms", type=float, default=5.0)
+    ap.add_argument("--max_wait_ms", type=float, default=ServerSettings().max_wait_ms)
     ap.add_argument("--max_new_tokens", type=int, default=20)
     ap.add_argument("--model_dir", type=Path, default=Path("bench/out/serve_tiny"))
     ap.add_argument("--stream", action="store_true", help="time to first token vs total")

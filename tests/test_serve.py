@@ -437,6 +437,38 @@ def test_batcher_retries_alone_when_a_batch_fails():
     assert stats.images == 3
 
 
+def test_a_lone_client_does_not_wait_for_company_a_crowd_does():
+    """max_wait_ms applies while traffic is concurrent: after a batch of one, the next request
+    starts at once; after a batch of several, a lone request waits for company again."""
+    sizes: list[int] = []
+
+    def fn(images, options):
+        sizes.append(len(images))
+        return [str(x) for x in images]
+
+    async def timed(batcher, x) -> float:
+        start = time.perf_counter()
+        await batcher.submit(x)
+        return time.perf_counter() - start
+
+    async def main():
+        batcher = Batcher(fn, max_batch_size=8, max_wait_ms=800)
+        await batcher.start()
+        try:
+            first = await timed(batcher, "a")  # nothing known yet: waits for company
+            lone = await timed(batcher, "b")  # the last batch was one request: no wait
+            await asyncio.gather(*(batcher.submit(x) for x in "cdef"))  # a crowd
+            after_crowd = await timed(batcher, "g")  # waits for company again
+            return first, lone, after_crowd
+        finally:
+            await batcher.stop()
+
+    first, lone, after_crowd = asyncio.run(main())
+    assert first >= 0.7 and after_crowd >= 0.7, (first, after_crowd)
+    assert lone < 0.4, lone
+    assert sizes == [1, 1, 1, 3, 1] or sizes == [1, 1, 4, 1], sizes
+
+
 def test_zero_wait_still_batches_what_queued_during_a_call():
     """max_wait_ms=0 adds no latency: nothing waits for company, but requests that queued while
     the previous call ran go together into the next one."""

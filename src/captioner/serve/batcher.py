@@ -1,7 +1,8 @@
 """Dynamic batching: requests that arrive within a few milliseconds share one `generate` call.
 
 One worker task drains an asyncio queue. It takes the first waiting request, then keeps taking
-more until it has `max_batch_size` of them or `max_wait_ms` has passed, groups them by their
+more until it has `max_batch_size` of them or `max_wait_ms` has passed (only while traffic is
+concurrent: after a batch of one, the next request starts at once), groups them by their
 `DecodingOptions.key()` (beam search and greedy cannot share a `generate` call), and runs each
 group as ONE call in a single background thread. A single thread on purpose: torch already
 spreads one forward pass over every core, and two concurrent passes would only fight for them.
@@ -96,7 +97,10 @@ class Batcher:
     """Collects concurrent caption requests into batches for one `CaptionFn`.
 
     `max_batch_size=1` turns batching off (one `generate` call per image). `max_wait_ms=0` adds no
-    waiting but still batches whatever is already queued when the previous call finishes.
+    waiting but still batches whatever is already queued when the previous call finishes. The
+    wait applies only while traffic is concurrent (the last batch held more than one request):
+    after a batch of one, the next request starts at once and whatever queues behind it meanwhile
+    forms the next batch, so a lone client pays no wait.
     """
 
     def __init__(
@@ -117,6 +121,9 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
         self.stats = BatchStats()
+        # Whether the last batch found company: a lone client never waits for others (its
+        # latency is all the wait would change), concurrent ones wait up to max_wait_ms.
+        self._crowded = True
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -204,7 +211,7 @@ class Batcher:
         assert self._queue is not None
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
+        deadline = loop.time() + (self.max_wait_s if self._crowded else 0.0)
         while len(batch) < self.max_batch_size:
             try:
                 if not self._queue.empty():
@@ -216,6 +223,7 @@ class Batcher:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except (asyncio.QueueEmpty, asyncio.TimeoutError):
                 break
+        self._crowded = len(batch) > 1
         return batch
 
     async def _worker(self) -> None:

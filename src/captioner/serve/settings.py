@@ -35,8 +35,13 @@ class ServerSettings:
     """The server's limits and identity; checked on creation, so a bad one is one clear line."""
 
     max_batch_size: int = _setting(16, "Images per generate call; 1 = no batching.")
+    # 30 ms: at 16 streaming clients on `small` it gathered their requests into one batch (first
+    # text at 0.51x the unstreamed latency vs 0.59x at 5 ms; 42 vs 32 req/s), and a lone client
+    # never waits (batcher.py), so it costs nothing at concurrency 1 (bench/RESULTS.md).
     max_wait_ms: float = _setting(
-        5.0, "How long a batch waits for more requests (0: only what is already queued)."
+        30.0,
+        "How long a batch waits for more requests while traffic is concurrent (a lone client "
+        "never waits; 0: only what is already queued).",
     )
     max_queue: int = _setting(1024, "Images waiting at most; more get 503 with Retry-After.")
     max_upload_bytes: int = _setting(10_000_000, "Per image; larger uploads get 413.")
