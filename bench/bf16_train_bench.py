@@ -30,20 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / ".venv" / "bin" / "captioner")
 
-# = jobs/demo.py's DEMO_TRAINING_ARGS and DemoConfig, as `captioner train` flags.
-DEMO_FLAGS = [
-    "--model", "dinov2-tiny", "--test_size", "0.1", "--max_eval_samples", "100", "--seed", "0",
-    "--learning_rate", "1e-3", "--warmup_steps", "0.05",
-    "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "100",
-    "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1",
-    "--logging_steps", "20", "--load_best_model_at_end", "true",
-    "--metric_for_best_model", "cider", "--dataloader_num_workers", "0",
-]  # fmt: skip
 MODES = {"fp32": [], "bf16": ["--bf16", "true", "--use_cpu", "true"]}
 
 
 def run_mode(out: Path, mode: str, epochs: float) -> None:
-    cmd = [CLI, "train", *DEMO_FLAGS, "--num_train_epochs", str(epochs), *MODES[mode]]
+    from captioner.jobs.demo import demo_train_flags
+
+    cmd = [CLI, "train", *demo_train_flags(num_train_epochs=epochs), *MODES[mode]]
     cmd += ["--data", str(out / "scenes"), "--output_dir", str(out / mode)]
     info: dict = {"load_before": os.getloadavg()}
     started = time.time()

@@ -382,21 +382,11 @@ def table(out: Path) -> str:
     return "\n".join(rows)
 
 
-# `captioner demo`'s training (jobs/demo.py's DEMO_TRAINING_ARGS and DemoConfig) as flags
-DEMO_FLAGS = [
-    "--test_size", "0.1", "--max_eval_samples", "100", "--seed", "0", "--num_train_epochs", "8",
-    "--learning_rate", "1e-3", "--warmup_steps", "0.05",
-    "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "100",
-    "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1",
-    "--logging_steps", "20", "--load_best_model_at_end", "true",
-    "--metric_for_best_model", "cider", "--dataloader_num_workers", "0",
-]  # fmt: skip
-
-
 def scenes(out: Path, recipe: str) -> dict:
     """A recipe's model on the demo's task (4,000 easy scenes, seed 0, the demo's training):
     held-out exact match must stay >= 0.98 for a preset to replace dinov2-tiny anywhere."""
     from captioner.data.scenes import generate_scenes
+    from captioner.jobs.demo import demo_train_flags
 
     model = RECIPES[recipe][0]
     data = out.parent / "scenes-4000"
@@ -408,8 +398,8 @@ def scenes(out: Path, recipe: str) -> dict:
     result: dict = {"recipe": recipe, "model": model, "load_before": os.getloadavg()}
     started = time.time()
     with open(folder / "train.log", "w") as log:
-        subprocess.run([*CLI, "train", "--model", model, "--data", str(data), "--output_dir",
-                        str(folder / "model"), *DEMO_FLAGS], stdout=log, stderr=subprocess.STDOUT,
+        subprocess.run([*CLI, "train", "--data", str(data), "--output_dir", str(folder / "model"),
+                        *demo_train_flags(model=model)], stdout=log, stderr=subprocess.STDOUT,
                        check=True)  # fmt: skip
     result["train_minutes"] = round((time.time() - started) / 60, 2)
     with open(folder / "eval.log", "w") as log:

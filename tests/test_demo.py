@@ -67,3 +67,20 @@ def test_short_demo_writes_everything_and_beats_a_constant_caption(tmp_path):
 
     ours = Captioner.from_pretrained(out / "model").caption([out / "scenes" / "00000.png"])[0]
     assert plain.stdout.strip().splitlines()[-1] == ours
+
+
+def test_demo_train_flags_parse_to_the_demos_training(tmp_path):
+    """The benchmarks rerun the demo's training from these flags: they must say what it does."""
+    from captioner.jobs.demo import DEMO_TRAINING_ARGS, DemoConfig, demo_train_flags
+    from captioner.training.arguments import parse_train_args
+
+    flags = demo_train_flags(num_train_epochs=3, model="tiny")
+    model_args, data_args, _, training_args = parse_train_args(
+        [*flags, "--data", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    )
+    assert model_args.model == "tiny" and training_args.num_train_epochs == 3
+    assert data_args.test_size == DemoConfig.test_size and training_args.seed == DemoConfig.seed
+    for name, value in DEMO_TRAINING_ARGS.items():
+        if name != "num_train_epochs":
+            assert getattr(training_args, name) == value, name
+    assert "--model" not in demo_train_flags(model=None)

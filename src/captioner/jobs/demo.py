@@ -69,6 +69,21 @@ class DemoConfig:
     training_args: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAINING_ARGS))
 
 
+def demo_train_flags(config: DemoConfig | None = None, **changes: Any) -> list[str]:
+    """`captioner demo`'s training as `captioner train` flags, for benchmarks that rerun it on
+    other data or models; `changes` replace or add flags (`num_train_epochs=4`), None drops one."""
+    config = config or DemoConfig()
+    values: dict[str, Any] = {
+        "model": config.model, "test_size": config.test_size, "seed": config.seed,
+        "max_eval_samples": config.max_eval_samples, **config.training_args, **changes,
+    }  # fmt: skip
+    flags: list[str] = []
+    for name, value in values.items():
+        if value is not None:
+            flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
 def best_constant_caption(
     train_captions: list[str], test_references: list[list[str]], candidates: int = 100
 ) -> tuple[str, float]:
