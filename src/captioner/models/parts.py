@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 from captioner.errors import CaptionerError
+from captioner.paths import cache_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -391,7 +392,7 @@ def list_parts() -> list[Part]:
 
 
 def _default_root() -> Path:
-    return Path(os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner") / "parts"
+    return cache_dir("parts")
 
 
 @contextmanager

@@ -57,6 +57,7 @@ from captioner.data.review import (
     open_review,
 )
 from captioner.errors import BadImageError, CaptionerError
+from captioner.paths import cache_dir
 from captioner.serve.errors import HTTPError, error_response
 from captioner.serve.guard import RequestGuard, default_allowed_hosts, host_name, uvicorn_options
 from captioner.serve.pipeline import check_key
@@ -80,9 +81,7 @@ STATIC = ("review.html", "review.js", "review.css")
 
 def thumb_cache_dir() -> Path:
     """$CAPTIONER_CACHE/thumbs, else ~/.cache/captioner/thumbs."""
-    base = os.environ.get("CAPTIONER_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "captioner"
-    return root / "thumbs"
+    return cache_dir("thumbs")
 
 
 class Thumbnails:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from captioner.models.build import (
 from captioner.models.compose import freeze
 from captioner.models.families import family_of
 from captioner.models.lora import add_lora
+from captioner.paths import cache_dir
 from captioner.training.arguments import (
     PRESET_TRAINING_DEFAULTS,
     CaptionTrainingArguments,
@@ -182,8 +182,7 @@ def _frozen_features(
         return None
     root = model_args.feature_cache
     if root == "auto":
-        root = Path(os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner")
-        root = root / "features"
+        root = cache_dir("features")
     # What the cache stores: the tower's output (VED) or what LLaVA's projector reads.
     cache = FeatureCache(
         root,
@@ -366,8 +365,7 @@ def _pixel_cache_dir(setting: str, processor, n_images: int) -> Path | None:
     side = max(crop.values()) if isinstance(crop, dict) and crop else 384
     if n_images * 3 * side * side * 4 > PIXEL_CACHE_MAX_BYTES:
         return None
-    root = os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner"
-    return Path(root) / "pixels"
+    return cache_dir("pixels")
 
 
 class _EpochCaptions(TrainerCallback):

@@ -28,6 +28,7 @@ import torch
 from transformers import PreTrainedModel
 
 from captioner.models.build import training_options
+from captioner.paths import cache_dir
 
 if TYPE_CHECKING:
     from captioner.engine import Captioner
@@ -39,8 +40,7 @@ FEATURE_CACHE_HELP = "auto (the cache training filled, if any) | off | a feature
 
 def default_feature_root() -> Path:
     """Where `captioner train --feature_cache auto` puts features (training/trainer.py)."""
-    base = os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner"
-    return Path(base) / "features"
+    return cache_dir("features")
 
 
 def reuse_features(captioner: Captioner, model: Any = None, setting: str = "auto") -> Any:
