@@ -73,12 +73,14 @@ class FeatureCache:
 
     def __init__(
         self, root: str | os.PathLike, encoder: torch.nn.Module, image_processor: Any, *,
-        max_bytes: int,
+        max_bytes: int, known_fingerprint: str | None = None,
     ) -> None:  # fmt: skip
+        """`known_fingerprint`: `fingerprint(encoder, image_processor)` when the caller already
+        computed it (it hashes every weight of the tower)."""
         self.encoder = encoder
         self.image_processor = image_processor
         self.max_bytes = max_bytes
-        self.fingerprint = fingerprint(encoder, image_processor)
+        self.fingerprint = known_fingerprint or fingerprint(encoder, image_processor)
         self.dir = Path(root) / self.fingerprint
         self._where: dict[str, Path] | None = None  # image hash -> shard
         self._rejected: dict[Path, str] = {}  # shard -> why it is not used

@@ -35,13 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FEATURE_CACHE_HELP = "auto (the cache training filled, if any) | off | a feature-cache folder."
-
-
-def default_feature_root() -> Path:
-    """Where `captioner train --feature_cache auto` puts features (training/trainer.py)."""
-    return cache_dir("features")
-
 
 def reuse_features(captioner: Captioner, model: Any = None, setting: str = "auto") -> Any:
     """Point `captioner` at the feature cache of its tower when one exists and holds features
@@ -65,14 +58,16 @@ def reuse_features(captioner: Captioner, model: Any = None, setting: str = "auto
         log.info("feature cache: not used with a %s tower (it holds float32 outputs)",
                  next(encoder.parameters()).dtype)  # fmt: skip
         return None
-    from captioner.training.features import FeatureCache  # jobs sit above training
+    from captioner.training.features import FeatureCache, fingerprint  # jobs sit above training
 
+    try:  # once for every root: it hashes every weight of the tower
+        tower = fingerprint(encoder, image_processor)
+    except (TypeError, RuntimeError) as err:  # a tower whose weights do not hash (quantized)
+        log.info("feature cache: not used (%s)", err)
+        return None
     for root in roots:
-        try:
-            cache = FeatureCache(root, encoder, image_processor, max_bytes=0)  # never filled here
-        except (TypeError, RuntimeError) as err:  # a tower whose weights do not hash (quantized)
-            log.info("feature cache: not used (%s)", err)
-            return None
+        cache = FeatureCache(root, encoder, image_processor, max_bytes=0,  # never filled here
+                             known_fingerprint=tower)  # fmt: skip
         if cache.dir.is_dir() and cache.index():
             log.info("feature cache %s: reusing the tower outputs of %d images", cache.dir,
                      len(cache.index()))  # fmt: skip
@@ -89,7 +84,7 @@ def _roots(model: Any, setting: str) -> list[Path]:
         trained = training_options(model).get("feature_cache")
         if isinstance(trained, str) and trained not in ("auto", "off"):
             roots.append(Path(trained))
-    return [*roots, default_feature_root()]
+    return [*roots, cache_dir("features")]
 
 
 def _has_folders(root: Path) -> bool:
