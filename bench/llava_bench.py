@@ -1,23 +1,24 @@
 """LLaVA compositions on a CPU (issue 18, part 2): `dinov2-smollm2` trained on its feature cache
-vs on pixels, and where a training step's time goes.
+vs on pixels, what makes it fast, and where a training step's time goes.
 
 Modes, each a fresh subprocess (so peak RSS is per mode), started only when no `captioner demo` /
 `pytest` runs (waits at most --max_wait_s):
 
-  uncached   `--model dinov2-smollm2` (frozen DINOv2-small cut to 6 layers at 112 px -> MLP
-             projector -> SmolLM2-135M, LoRA r 8 on q/v + the projector: the preset's defaults)
-             with `--feature_cache off` (the tower frozen but run every step; one DataLoader
-             worker decodes and preprocesses beside the step, captioner's default).
+  preset     `--model dinov2-smollm2` as it is (DINOv2-small cut to 6 layers at 56 px = 17 image
+             tokens -> MLP projector -> SmolLM2-135M cut to 8 of 30 layers, LoRA r 8 on q/v + the
+             projector under bf16 autocast: the preset's defaults) on its feature cache.
+  uncached   `--model dinov2-smollm2-full` (the whole LM at 112 px = 65 image tokens, fp32) with
+             `--feature_cache off` (the tower frozen but run every step; one DataLoader worker
+             decodes and preprocesses beside the step, captioner's default).
   cached     the same with `--feature_cache <fresh dir>` (the one-off fill timed separately; the
              batches are tensor lookups, so the trainer drops the worker).
-  cached_bf16  cached + `--bf16` (CPU autocast to bfloat16; the CPU has AVX512-BF16).
-  cached_17tok `image_size=56` instead of 112: 4 x 4 patches + CLS = 17 image tokens, the count a
-             2 x 2 pooling of the 112 px grid would give. A *speed proxy only*: 56 px features
-             are not pooled 112 px features (LlavaForConditionalGeneration cannot pool; see
-             models/families/llava.py), so its quality is another question.
-  breakdown  one batch of the preset, in-process: seconds of the tower (what the cache saves),
-             the projector, the LM's 30 layers and the LM head, forward and backward, and the
-             optimizer step; FLOPs per sample by module (FlopCounterMode) and the sequence.
+  cached_OPTIONS  `cached` changed by `_`-joined options: `bf16` (CPU autocast; the CPU has
+             AVX512-BF16), `17tok` (image_size=56: 4 x 4 patches + CLS), `L<text_layers>` (`L8`:
+             8 layers, the first 2 and last 6; `L0+1+2+3+4+5+6+7`: the first 8), `compile`
+             (--torch_compile). E.g. `cached_bf16_17tok_L8` is the preset spelled out.
+  breakdown  one batch of `dinov2-smollm2`, in-process: seconds of the tower (what the cache
+             saves), the projector, the LM's layers and the LM head, forward and backward, and
+             the optimizer step; FLOPs per sample by module (FlopCounterMode) and the sequence.
 
 Samples/s is timed between optimizer steps after the first (compose_bench's step timer).
 
@@ -54,23 +55,29 @@ from compose_bench import (  # noqa: E402  (bench/ is no package: its siblings b
 )
 
 OUT = Path(__file__).parent / "out" / "llava_bench"
-PRESET = "dinov2-smollm2"
-# The preset as a composition, at 56 px (17 image tokens); its training defaults passed as flags.
-SPEC_17 = (
-    "vision=dinov2-small,text=smollm2-135m,family=llava,vision_layers=6,image_size=56,"
-    "vision_feature_layer=-1,vision_feature_select_strategy=full,max_caption_tokens=32"
+PRESET = "dinov2-smollm2"  # the CPU-sized preset (mode `preset`)
+FULL = "dinov2-smollm2-full"  # the whole LM at 112 px: the base the other modes vary
+# The base's composition and training defaults, read from its JSON (modes vary the spec).
+_PRESET = json.loads(
+    (Path(__file__).parents[1] / "src/captioner/models/presets" / f"{FULL}.json").read_text()
 )
-MODES = ("uncached", "cached", "cached_bf16", "cached_17tok", "breakdown")
+DEFAULTS = _PRESET.get("training_defaults", {})
+SPEC = {k: v for k, v in _PRESET.items() if k not in ("_comment", "training_defaults")}
+MODES = ("preset", "cached", "uncached", "cached_bf16", "cached_17tok", "breakdown")
 
 
 # --- the child processes ---
 
 
 def train_mode(mode: str, cfg: dict) -> dict:
+    """`preset` (dinov2-smollm2 as it is), or `uncached` / `cached` (dinov2-smollm2-full) then any
+    of `_bf16`, `_17tok`, `_L<text_layers>`, `_compile`: e.g. `cached_bf16_17tok_L8` or
+    `cached_bf16_17tok_L0+1+2+3+4+5+6+7`."""
     out = OUT / f"run_{mode}"
     shutil.rmtree(out, ignore_errors=True)
+    base, *options = mode.split("_")
     flags: dict = {
-        "model": PRESET,
+        "model": PRESET if base == "preset" else FULL,
         "data": cfg["data"],
         "output_dir": out,
         "eval_strategy": "no",
@@ -81,12 +88,25 @@ def train_mode(mode: str, cfg: dict) -> dict:
         "report_to": "none",
         "max_steps": cfg["steps"],
         "per_device_train_batch_size": cfg["batch"],
-        "feature_cache": "off" if mode == "uncached" else Path(cfg["tmp"]) / f"features_{mode}",
+        "feature_cache": "off" if base == "uncached" else Path(cfg["tmp"]) / f"features_{mode}",
     }
-    if mode == "cached_bf16":  # transformers refuses bf16 without a GPU unless told: use_cpu
-        flags |= {"bf16": True, "use_cpu": True}
-    if mode == "cached_17tok":
-        flags |= {"model": SPEC_17, "lora_r": 8, "lora_alpha": 16, "learning_rate": 2e-4}
+    if base == "preset":  # as `captioner train --model dinov2-smollm2` runs it
+        return run_train(flags) | {"flags": {k: str(v) for k, v in flags.items()}}
+    spec = dict(SPEC)
+    for option in options:
+        if option == "bf16":  # transformers refuses bf16 without a GPU unless told: use_cpu
+            flags |= {"bf16": True, "use_cpu": True}
+        elif option == "compile":  # torch.compile (inductor; needs a C++ compiler on a CPU)
+            flags["torch_compile"] = True
+        elif option == "17tok":
+            spec["image_size"] = 56
+        elif option.startswith("L"):  # L8: 8 layers (the ends); L0+1+28+29: those layers
+            spec["text_layers"] = option[1:]
+        else:
+            raise SystemExit(f"unknown mode option {option!r} in {mode!r}")
+    if spec != SPEC:  # the base as a composition: its training defaults passed as flags
+        flags |= {"model": ",".join(f"{k}={v}" for k, v in spec.items()),
+                  **DEFAULTS}  # fmt: skip
     result = run_train(flags)
     result["flags"] = {k: str(v) for k, v in flags.items()}
     return result
@@ -333,9 +353,8 @@ def report(res: dict) -> None:
         "s (images) | train loss | peak RSS MB | load (1 min) before → after |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for mode in ("uncached", "cached", "cached_bf16", "cached_17tok"):
-        r = runs.get(mode)
-        if r is None:
+    for mode, r in runs.items():
+        if mode == "breakdown":
             continue
         if "error" in r:
             print(f"| {mode} | — | failed: {r['error']} | | | | | | |")
@@ -346,7 +365,8 @@ def report(res: dict) -> None:
         print(
             f"| {mode} | {r['started'][-8:-3]} | {samples_per_second(r):.2f} | "
             f"{samples_per_second(r, clock='cpu'):.2f} | {median_step(r):.2f} | {fill_txt} | "
-            f"{r['train_loss']:.3f} | {r['peak_rss_mb']:.0f} | {load(r)} |"
+            f"{r['train_loss']:.3f} ({r['flags']['max_steps']} steps) | {r['peak_rss_mb']:.0f} | "
+            f"{load(r)} |"
         )
     if "cached" in runs and "uncached" in runs and "error" not in runs["cached"]:
         c, u = runs["cached"], runs["uncached"]

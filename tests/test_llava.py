@@ -20,7 +20,14 @@ from transformers import TrainerCallback
 from captioner.engine import Captioner
 from captioner.errors import CaptionerError
 from captioner.models.build import build_preset, load_model
-from captioner.models.compose import LLAVA, VED, CompositeSpec, composite_family, is_decoder_only
+from captioner.models.compose import (
+    LLAVA,
+    VED,
+    CompositeSpec,
+    composite_family,
+    is_decoder_only,
+    kept_text_layers,
+)
 from captioner.models.families import family_named, family_of
 from captioner.models.families.llava import caption_prompt, prompt_ids
 from captioner.models.lora import add_lora
@@ -142,6 +149,36 @@ def test_compose_loads_both_parts_whole_and_saves_the_prompt(llava_dir, tiny_din
     assert ids.count(model.config.image_token_id) == N_IMAGE_TOKENS == model.config.image_seq_length
     assert tok.decode(ids, skip_special_tokens=True) == "Caption:"
     assert model.generation_config.eos_token_id == tok.eos_token_id
+
+
+def test_text_layers_keeps_the_last_layers_and_loads_plainly(tiny_dinov2_dir, lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    assert kept_text_layers(8, 30, "lm") == [0, 1, 24, 25, 26, 27, 28, 29]  # a quarter, the end
+    assert kept_text_layers([0, 5], 30, "lm") == [0, 5]
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir).model.state_dict()
+    # 1 layer of 2 keeps the last (1 // 2 = 0 first + 1 last)
+    for layers, source in (("1", "layers.1."),):
+        out = build_preset(spec_for(tiny_dinov2_dir, lm_dir, text_layers=layers), [],
+                           tmp_path / f"cut{layers}")  # fmt: skip
+        model = LlavaForConditionalGeneration.from_pretrained(out)  # plain transformers
+        assert model.config.text_config.num_hidden_layers == 1
+        kept = model.model.language_model.state_dict()
+        for name, after in kept.items():  # the kept layer, embeddings (+ <image>), final norm
+            before = lm[name.replace("layers.0.", source)]
+            assert torch.equal(after[: before.shape[0]], before), name
+        assert set(kept) == {k.replace(source, "layers.0.") for k in lm
+                             if not k.startswith("layers.") or k.startswith(source)}  # fmt: skip
+    captioner = Captioner.from_pretrained(out, device="cpu")  # the cut model captions
+    assert isinstance(captioner.caption([make_images(tmp_path / "im", 1)[0]])[0], str)
+    with pytest.raises(CaptionerError, match="text_layers=3: .* has 1 to 2 layers"):
+        build_preset(spec_for(tiny_dinov2_dir, lm_dir, text_layers=3), [], tmp_path / "x")
+    both = build_preset(spec_for(tiny_dinov2_dir, lm_dir, text_layers="0+1"), [], tmp_path / "b")
+    assert load_model(both)[0].config.text_config.num_hidden_layers == 2  # named: both
+    with pytest.raises(CaptionerError, match="text_layers=1\\+0: name distinct layers"):
+        build_preset(spec_for(tiny_dinov2_dir, lm_dir, text_layers="1+0"), [], tmp_path / "x")
+    with pytest.raises(CaptionerError, match="decoder_layers"):
+        build_preset(f"vision={tiny_dinov2_dir},text=scratch,text_layers=1", ["a"], tmp_path / "y")
 
 
 def test_collator_masks_image_prompt_and_pad_positions(llava_dir, images):
@@ -377,7 +414,9 @@ def test_real_parts_dinov2_smollm2_trains_and_captions(tmp_path):
     train(model_args, data_args, training_args, decoding)
     trained = time.perf_counter()
     captioner = Captioner.from_pretrained(out, device="cpu")
-    assert captioner.model.config.image_seq_length == 65  # 8 x 8 patches + CLS at 112 px
+    config = captioner.model.config
+    assert config.image_seq_length == 17  # 4 x 4 patches + CLS at 56 px
+    assert config.text_config.num_hidden_layers == 6  # SmolLM2's first and last 5 of 30
     loaded = time.perf_counter()
     caption = captioner.caption([scenes / "00000.png"], max_new_tokens=16)[0]
     done = time.perf_counter()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -137,8 +138,12 @@ def test_training_arguments_defaults_and_cpu_rules(tmp_path, caplog):
     if not torch.cuda.is_available():
         *_, args = args_for("tiny", "d", tmp_path, "--fp16")
         assert not args.fp16 and "fp16 needs a CUDA GPU" in caplog.text
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         *_, args = args_for("tiny", "d", tmp_path, "--bf16")  # CPU autocast, no --use_cpu needed
-        assert args.bf16 and args.use_cpu
+        assert (args.bf16, args.use_cpu) == ((True, True) if native else (False, False))
+        with mock.patch("torch.ops.mkldnn._is_mkldnn_bf16_supported", return_value=False):
+            *_, args = args_for("tiny", "d", tmp_path, "--bf16")  # a CPU without bf16: fp32
+        assert not args.bf16 and "training runs in fp32" in caplog.text
 
 
 # --- bad inputs fail at once, with one clear line -----------------------------------------

@@ -3,7 +3,8 @@ composite classes, so every result loads with plain `from_pretrained`.
 
 A composition is written as a spec: `vision=NAME,text=NAME[,key=value...]` on the command line
 (`captioner train --model vision=dinov2-small,text=scratch,vision_layers=6`), or a preset JSON
-file in `presets/` (`dinov2-tiny`, `dinov2-drawings`, `dinov2-smollm2`). The parts:
+file in `presets/` (`dinov2-tiny`, `dinov2-drawings`, `dinov2-smollm2`, `dinov2-smollm2-full`).
+The parts:
 
 - `vision`: a part name (`captioner parts list`: converted once from a registry package), a
   local folder or a Hub id of any AutoModel vision tower (DINOv2, ViT, SigLIP/CLIP vision...).
@@ -14,7 +15,9 @@ file in `presets/` (`dinov2-tiny`, `dinov2-drawings`, `dinov2-smollm2`). The par
   tokenizer trained on the training captions: `decoder_*` keys size it), a folder / Hub id of a
   decoder that takes cross-attention (BERT/MiniLM, GPT-2, ...), loaded with
   `add_cross_attention=True`, or a decoder-only LM without cross-attention (Llama/SmolLM2,
-  Qwen2, Gemma, ...).
+  Qwen2, Gemma, ...). `text_layers=N` keeps a pretrained text model's first N layers (with its
+  embeddings, final norm and head): on a CPU the LM is most of a LLaVA step, and LoRA adapts
+  what is left (`dinov2-smollm2` keeps 6 of SmolLM2's 30: bench/RESULTS.md).
 
 Two families (`family=`; unset, it follows from `text`):
 
@@ -102,6 +105,12 @@ class CompositeSpec:
     text: str = SCRATCH
     vision_layers: int | None = None
     image_size: int | None = None
+    # A pretrained LM/decoder's layers to keep (its embeddings, final norm and head stay): N
+    # keeps the first N // 4 and the last N - N // 4 (dropping middle layers changes the hidden
+    # state least and the last ones map it to words: the first 8 of SmolLM2's 30 alone train
+    # far worse, bench/RESULTS.md); `0+1+28+29` names them. On a CPU the LM is most of a LLaVA
+    # step; LoRA adapts what is left.
+    text_layers: int | list[int] | None = None
     decoder_hidden_size: int = 256
     decoder_layers: int = 2
     decoder_heads: int = 4
@@ -139,7 +148,7 @@ class CompositeSpec:
         for key, value in values.items():
             if key == "_comment":
                 continue
-            if known[key].type == "int | list[int]":
+            if known[key].type in ("int | list[int]", "int | list[int] | None"):
                 typed[key] = _layers(value, key, where)
                 continue
             kind = int if known[key].type in ("int", "int | None") else str
@@ -188,6 +197,10 @@ def composite_family(spec: CompositeSpec) -> str:
             f"unknown composite family {spec.family!r} (choose from {', '.join(FAMILIES)})"
         )
     if spec.text == SCRATCH:
+        if spec.text_layers is not None:
+            raise CaptionerError(
+                "text_layers cuts a pretrained text model; size scratch with decoder_layers"
+            )
         if spec.family == LLAVA:
             raise CaptionerError(
                 "family=llava needs text=a decoder-only LM (a part, folder or Hub id), not scratch"
@@ -264,6 +277,7 @@ def build_llava(spec: CompositeSpec, out_dir: str | Path, *, seed: int = 0) -> P
     image_processor = _image_processor(vision_dir, spec.image_size)
     tokenizer = _quietly(AutoTokenizer.from_pretrained, text_dir)
     lm = _quietly(AutoModelForCausalLM.from_pretrained, text_dir, dtype=torch.float32)
+    lm = _keep_layers(lm, spec.text_layers, spec.text)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
@@ -401,6 +415,52 @@ def _vision_tower(name: str, layers: int | None) -> torch.nn.Module:
     return _quietly(AutoModel.from_pretrained, name, config=config).eval()
 
 
+def kept_text_layers(layers: int | list[int], total: int, name: str) -> list[int]:
+    """`text_layers` as layer indices: N -> the first N // 4 and the last N - N // 4."""
+    if isinstance(layers, int):
+        if not 1 <= layers <= total:
+            raise CaptionerError(f"text_layers={layers}: {name} has 1 to {total} layers")
+        return list(range(layers // 4)) + list(range(total - (layers - layers // 4), total))
+    if sorted(set(layers)) != layers or not all(0 <= i < total for i in layers):
+        raise CaptionerError(
+            f"text_layers={'+'.join(map(str, layers))}: name distinct layers of {name} in "
+            f"order, 0 to {total - 1}"
+        )
+    return layers
+
+
+def _keep_layers(model: torch.nn.Module, layers: int | list[int] | None, name: str):
+    """`model` rebuilt with only the `text_layers` it keeps, renumbered 0..N-1 (so caches and
+    plain `from_pretrained` see an ordinary N-layer model of the same class)."""
+    if layers is None:
+        return model
+    config = model.config
+    total = config.num_hidden_layers
+    keep = kept_text_layers(layers, total, name)
+    prefix = next(  # the stack of blocks: `model.layers` (Llama), `bert.encoder.layer`, `h`...
+        (path for path, m in model.named_modules()
+         if isinstance(m, torch.nn.ModuleList) and len(m) == total),
+        None,
+    )  # fmt: skip
+    if prefix is None:
+        raise CaptionerError(f"text_layers: cannot find {name}'s {total} layers")
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix + "."):
+            index, _, rest = key[len(prefix) + 1 :].partition(".")
+            if int(index) not in keep:
+                continue
+            key = f"{prefix}.{keep.index(int(index))}.{rest}"
+        state[key] = value
+    values = config.to_dict()
+    values["num_hidden_layers"] = len(keep)
+    if isinstance(values.get("layer_types"), list):  # per-layer attention kinds (Qwen2, Gemma)
+        values["layer_types"] = [values["layer_types"][i] for i in keep]
+    cut = type(model)(type(config)(**values))
+    cut.load_state_dict(state, strict=True)
+    return cut.to(next(model.parameters()).dtype)
+
+
 def _image_processor(name: str, image_size: int | None):
     processor = _quietly(AutoImageProcessor.from_pretrained, name)
     if image_size is not None:  # square inputs of this size (a resize, then a centre crop)
@@ -420,6 +480,7 @@ def _text_decoder(spec: CompositeSpec, captions: list[str]):
             is_decoder=True,
             add_cross_attention=True,
         )
+        decoder = _keep_layers(decoder, spec.text_layers, spec.text)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return decoder, tokenizer

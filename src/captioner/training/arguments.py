@@ -20,7 +20,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from captioner.data.sources import DataArguments
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
-from captioner.models.build import is_preset, needs_build, preset_config
+from captioner.models.build import PRESETS, is_preset, needs_build, preset_config
 from captioner.training.augment import DEFAULT_OPS, Augmenter
 from captioner.training.collapse import DEFAULT_THRESHOLD
 
@@ -44,7 +44,7 @@ class ModelArguments:
     model: str | None = field(
         default=None,
         metadata={
-            "help": "A preset (tiny, small, dinov2-tiny, dinov2-smollm2), a composition "
+            "help": f"A preset ({', '.join(PRESETS)}), a composition "
             "(vision=...,text=...), a model folder, a LoRA adapter folder or a Hub id of any "
             "family `captioner models` lists (GIT, BLIP, LLaVA, PaliGemma, Florence-2, BLIP-2, "
             "and chat VLMs such as SmolVLM, Qwen2-VL, Gemma 3)."
@@ -153,10 +153,17 @@ class CaptionTrainingArguments(TrainingArguments):
             if self.fp16:
                 log.warning("fp16 needs a CUDA GPU; none here, so training runs in fp32")
                 self.fp16 = False
+            if self.bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                log.warning(
+                    "bf16 needs a GPU or a CPU with bf16 instructions (AVX512-BF16, "
+                    "AMX); this one has neither, so training runs in fp32"
+                )
+                self.bf16 = False
             if self.bf16:
-                # CPU autocast (AVX512-BF16 where the CPU has it): transformers refuses --bf16
-                # without a bf16 GPU unless told the run is on the CPU. Measured on the cached
-                # dinov2-tiny: 1.19-1.29x fp32 samples/s, same held-out quality (RESULTS.md).
+                # CPU autocast (AVX512-BF16 / AMX): transformers refuses --bf16 without a bf16
+                # GPU unless told the run is on the CPU. Measured on the cached dinov2-tiny:
+                # 1.19-1.29x fp32 samples/s, same held-out quality; dinov2-smollm2 1.3-1.5x
+                # (RESULTS.md).
                 self.use_cpu = True
             self.dataloader_pin_memory = False  # nothing to pin for on CPU
         if self.dataloader_persistent_workers:
