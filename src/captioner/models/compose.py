@@ -106,10 +106,10 @@ class CompositeSpec:
     vision_layers: int | None = None
     image_size: int | None = None
     # A pretrained LM/decoder's layers to keep (its embeddings, final norm and head stay): N
-    # keeps the first N // 4 and the last N - N // 4 (dropping middle layers changes the hidden
-    # state least and the last ones map it to words: the first 8 of SmolLM2's 30 alone train
-    # far worse, bench/RESULTS.md); `0+1+28+29` names them. On a CPU the LM is most of a LLaVA
-    # step; LoRA adapts what is left.
+    # keeps the first N // 4 and the last N - N // 4 (the last layers turn the hidden state
+    # into words: SmolLM2's first 8 alone heal far slower under LoRA than 2 + 6,
+    # bench/RESULTS.md); `0+1+28+29` names them. On a CPU the LM is most of a LLaVA step; LoRA
+    # adapts what is left.
     text_layers: int | list[int] | None = None
     decoder_hidden_size: int = 256
     decoder_layers: int = 2
