@@ -5,7 +5,7 @@ Modes, each a fresh subprocess (so peak RSS is per mode), started only when no `
 `pytest` runs (waits at most --max_wait_s):
 
   preset     `--model dinov2-smollm2` as it is (DINOv2-small cut to 6 layers at 56 px = 17 image
-             tokens -> MLP projector -> SmolLM2-135M cut to 8 of 30 layers, LoRA r 8 on q/v + the
+             tokens -> MLP projector -> SmolLM2-135M cut to 6 of 30 layers, LoRA r 8 on q/v + the
              projector under bf16 autocast: the preset's defaults) on its feature cache.
   uncached   `--model dinov2-smollm2-full` (the whole LM at 112 px = 65 image tokens, fp32) with
              `--feature_cache off` (the tower frozen but run every step; one DataLoader worker
@@ -58,11 +58,11 @@ OUT = Path(__file__).parent / "out" / "llava_bench"
 PRESET = "dinov2-smollm2"  # the CPU-sized preset (mode `preset`)
 FULL = "dinov2-smollm2-full"  # the whole LM at 112 px: the base the other modes vary
 # The base's composition and training defaults, read from its JSON (modes vary the spec).
-_PRESET = json.loads(
+_BASE = json.loads(
     (Path(__file__).parents[1] / "src/captioner/models/presets" / f"{FULL}.json").read_text()
 )
-DEFAULTS = _PRESET.get("training_defaults", {})
-SPEC = {k: v for k, v in _PRESET.items() if k not in ("_comment", "training_defaults")}
+DEFAULTS = _BASE.get("training_defaults", {})
+SPEC = {k: v for k, v in _BASE.items() if k not in ("_comment", "training_defaults")}
 MODES = ("preset", "cached", "uncached", "cached_bf16", "cached_17tok", "breakdown")
 
 

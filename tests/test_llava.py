@@ -157,18 +157,16 @@ def test_text_layers_keeps_the_last_layers_and_loads_plainly(tiny_dinov2_dir, lm
     assert kept_text_layers(8, 30, "lm") == [0, 1, 24, 25, 26, 27, 28, 29]  # a quarter, the end
     assert kept_text_layers([0, 5], 30, "lm") == [0, 5]
     lm = AutoModelForCausalLM.from_pretrained(lm_dir).model.state_dict()
-    # 1 layer of 2 keeps the last (1 // 2 = 0 first + 1 last)
-    for layers, source in (("1", "layers.1."),):
-        out = build_preset(spec_for(tiny_dinov2_dir, lm_dir, text_layers=layers), [],
-                           tmp_path / f"cut{layers}")  # fmt: skip
-        model = LlavaForConditionalGeneration.from_pretrained(out)  # plain transformers
-        assert model.config.text_config.num_hidden_layers == 1
-        kept = model.model.language_model.state_dict()
-        for name, after in kept.items():  # the kept layer, embeddings (+ <image>), final norm
-            before = lm[name.replace("layers.0.", source)]
-            assert torch.equal(after[: before.shape[0]], before), name
-        assert set(kept) == {k.replace(source, "layers.0.") for k in lm
-                             if not k.startswith("layers.") or k.startswith(source)}  # fmt: skip
+    # 1 layer of 2 keeps the last (1 // 4 = 0 first + 1 last), renumbered as layer 0
+    out = build_preset(spec_for(tiny_dinov2_dir, lm_dir, text_layers=1), [], tmp_path / "cut")
+    model = LlavaForConditionalGeneration.from_pretrained(out)  # plain transformers
+    assert model.config.text_config.num_hidden_layers == 1
+    kept = model.model.language_model.state_dict()
+    for name, after in kept.items():  # the kept layer, embeddings (+ <image>), final norm
+        before = lm[name.replace("layers.0.", "layers.1.")]
+        assert torch.equal(after[: before.shape[0]], before), name
+    assert set(kept) == {k.replace("layers.1.", "layers.0.") for k in lm
+                         if not k.startswith("layers.0.")}  # fmt: skip
     captioner = Captioner.from_pretrained(out, device="cpu")  # the cut model captions
     assert isinstance(captioner.caption([make_images(tmp_path / "im", 1)[0]])[0], str)
     with pytest.raises(CaptionerError, match="text_layers=3: .* has 1 to 2 layers"):

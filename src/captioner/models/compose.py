@@ -15,9 +15,10 @@ The parts:
   tokenizer trained on the training captions: `decoder_*` keys size it), a folder / Hub id of a
   decoder that takes cross-attention (BERT/MiniLM, GPT-2, ...), loaded with
   `add_cross_attention=True`, or a decoder-only LM without cross-attention (Llama/SmolLM2,
-  Qwen2, Gemma, ...). `text_layers=N` keeps a pretrained text model's first N layers (with its
-  embeddings, final norm and head): on a CPU the LM is most of a LLaVA step, and LoRA adapts
-  what is left (`dinov2-smollm2` keeps 6 of SmolLM2's 30: bench/RESULTS.md).
+  Qwen2, Gemma, ...). `text_layers=N` keeps N of a pretrained text model's layers, the first
+  N // 4 and the last N - N // 4 (`0+1+28+29` names them), with its embeddings, final norm and
+  head: on a CPU the LM is most of a LLaVA step, and LoRA adapts what is left (`dinov2-smollm2`
+  keeps 6 of SmolLM2's 30: bench/RESULTS.md).
 
 Two families (`family=`; unset, it follows from `text`):
 
@@ -444,13 +445,14 @@ def _keep_layers(model: torch.nn.Module, layers: int | list[int] | None, name: s
     )  # fmt: skip
     if prefix is None:
         raise CaptionerError(f"text_layers: cannot find {name}'s {total} layers")
+    renumber = {old: new for new, old in enumerate(keep)}
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith(prefix + "."):
             index, _, rest = key[len(prefix) + 1 :].partition(".")
-            if int(index) not in keep:
+            if int(index) not in renumber:
                 continue
-            key = f"{prefix}.{keep.index(int(index))}.{rest}"
+            key = f"{prefix}.{renumber[int(index)]}.{rest}"
         state[key] = value
     values = config.to_dict()
     values["num_hidden_layers"] = len(keep)

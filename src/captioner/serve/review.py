@@ -79,11 +79,6 @@ BROWSER_FORMATS = {
 STATIC = ("review.html", "review.js", "review.css")
 
 
-def thumb_cache_dir() -> Path:
-    """$CAPTIONER_CACHE/thumbs, else ~/.cache/captioner/thumbs."""
-    return cache_dir("thumbs")
-
-
 class Thumbnails:
     """JPEG thumbnails on disk, keyed by the image's path, size and mtime (or its row in a
     read-only source): made once, on first request."""
@@ -338,8 +333,8 @@ def create_review_app(
 ) -> FastAPI:
     """The review app over an opened `dataset` (`open_review`). `captioner`: anything with
     `caption_iter` (the engine's `Captioner`), or None for no model. `thumbs`: the thumbnail
-    cache folder (default `thumb_cache_dir()`). `export_dir`: where POST /api/export writes a
-    read-only source (never chosen by the page)."""
+    cache folder (default `paths.cache_dir("thumbs")`). `export_dir`: where POST /api/export
+    writes a read-only source (never chosen by the page)."""
     settings = ServerSettings(
         max_batch_size=1,
         max_wait_ms=0,
@@ -359,7 +354,7 @@ def create_review_app(
     app.state.captions = CaptionJob(captioner, session)
     app.state.findings = FindingsJob(session)
     app.state.thumbs = Thumbnails(
-        dataset, Path(thumbs) if thumbs else thumb_cache_dir(), max_pixels
+        dataset, Path(thumbs) if thumbs else cache_dir("thumbs"), max_pixels
     )
     app.state.export_dir = Path(export_dir) if export_dir else None
     app.state.model_name = model_name
