@@ -10,6 +10,7 @@ from conftest import TINY_CAPTIONS, make_images
 from transformers import CLIPImageProcessor, GitProcessor
 
 import captioner.training.collate as collate_mod
+from captioner.errors import CaptionerError
 from captioner.models.families import family_named
 from captioner.models.tokenizer import train_caption_tokenizer
 from captioner.training.collate import INDEX_COLUMN, CaptionCollator, draw_caption
@@ -150,3 +151,41 @@ def test_epoch_reaches_dataloader_workers(tmp_path):
     assert not torch.equal(first, next(iter(loader))["input_ids"])
     collator.epoch = 0
     assert torch.equal(first, next(iter(loader))["input_ids"])
+
+
+class _Features:
+    """Stands in for a FeatureCache: 1 CLS + 16 patch tokens per image, each token's first
+    dimension its position, so a test can see which tokens a batch kept."""
+
+    pixel_size = (32, 32)
+
+    def get(self, src):
+        tokens = torch.zeros(17, 4)
+        tokens[:, 0] = torch.arange(17)
+        return tokens
+
+
+def test_patch_dropout_thins_training_batches_only(tmp_path):
+    rows = _rows(make_images(tmp_path, 3), [["a red circle"], ["a"], ["a blue square"]])
+    collator = CaptionCollator(_processor(), VED, features=_Features(), patch_dropout=0.75)
+    states = collator(rows)["encoder_outputs"][0]
+    assert states.shape == (3, 5, 4)  # CLS + a quarter of the 16 patches
+    positions = states[..., 0]
+    assert (positions[:, 0] == 0).all()  # the CLS token is always kept
+    assert all(torch.equal(row, row.sort().values) for row in positions)  # in their order
+    assert len({tuple(row.tolist()) for row in positions}) > 1  # a subset per example
+    # fixed by (seed, epoch, index)
+    assert torch.equal(collator(rows)["encoder_outputs"][0], states)
+    collator.epoch = 1
+    assert not torch.equal(collator(rows)["encoder_outputs"][0], states)  # new each epoch
+    collator.training = False  # evaluation and captioning read every token
+    assert collator(rows)["encoder_outputs"][0].shape == (3, 17, 4)
+
+
+def test_patch_dropout_needs_cached_features_and_a_cross_attending_decoder():
+    with pytest.raises(CaptionerError, match="patch_dropout.*no feature cache"):
+        CaptionCollator(_processor(), VED, patch_dropout=0.5)
+    with pytest.raises(CaptionerError, match="patch_dropout.*llava"):
+        CaptionCollator(
+            _processor(), family_named("llava"), features=_Features(), patch_dropout=0.5
+        )

@@ -163,6 +163,11 @@ def test_empty_dataset(tmp_path):
         train(ModelArguments("tiny"), DataArguments(str(tmp_path / "empty")), args)
 
 
+def test_patch_dropout_out_of_range_is_refused(tmp_path):
+    with pytest.raises(CaptionerError, match="patch_dropout must be in"):
+        CaptionTrainingArguments(output_dir=str(tmp_path), patch_dropout=1.0)
+
+
 def test_missing_caption_column(tmp_path, scenes):
     model, data, decoding, args = args_for("tiny", scenes, tmp_path, "--caption_column", "nope")
     with pytest.raises(CaptionerError, match="nope"):

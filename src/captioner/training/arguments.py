@@ -124,6 +124,12 @@ class CaptionTrainingArguments(TrainingArguments):
         "Which augmentations (comma-separated): crop, blur, posterize, grayscale (never for a "
         "caption naming a colour), flip (never for a caption with a left/right word).",
     )
+    patch_dropout: float = _default(
+        0.0,
+        "With a frozen tower (cached features) and a cross-attending decoder (VED): the share "
+        "of patch tokens each training example leaves out, drawn anew each epoch; captioning "
+        "reads them all. 0: off.",
+    )
     collapse_threshold: float = _default(
         DEFAULT_THRESHOLD, "Collapse: distinct captions / eval images below this (min 20 images)."
     )
@@ -174,6 +180,8 @@ class CaptionTrainingArguments(TrainingArguments):
             self.dataloader_persistent_workers = False
         if self.augment_views < 0:
             raise CaptionerError("--augment_views must be 0 (off) or more")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise CaptionerError(f"--patch_dropout must be in [0, 1), not {self.patch_dropout}")
         if self.augment_views:
             Augmenter.parse(self.augment)  # an unknown op fails before any data is read
         self.remove_unused_columns = False  # the collator needs `image` and `captions`

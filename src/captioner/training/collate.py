@@ -59,6 +59,22 @@ def content_hash(src: Any) -> str | None:
     return None
 
 
+def drop_patches(features: torch.Tensor, rate: float, keys: list[tuple[int, ...]]) -> torch.Tensor:
+    """Each example's first token (DINOv2/ViT's CLS) and a random `1 - rate` of the rest, in
+    their order; the subset is fixed by its key (seed, epoch, index). Patch dropout (FLIP,
+    open_clip's `patch_dropout`) on cached features: a decoder that cannot count on any one patch
+    reads the whole drawing, not the details of one artist's style. Positions are already in
+    the features, so a subset needs no position ids."""
+    n_patches = features.shape[1] - 1
+    keep = max(1, round(n_patches * (1.0 - rate)))
+    rows = []
+    for feature, key in zip(features, keys, strict=True):
+        rng = np.random.default_rng([*key, 0x9A7C])
+        picked = np.sort(rng.choice(n_patches, keep, replace=False)) + 1
+        rows.append(feature[torch.from_numpy(np.concatenate([[0], picked]))])
+    return torch.stack(rows)
+
+
 @dataclass
 class CaptionCollator:
     """Turns rows `{image, captions}` into a model batch. Set `epoch` before each epoch's loader
@@ -82,6 +98,8 @@ class CaptionCollator:
     # copies per image and epoch (0: the image itself); without, a fresh view each epoch.
     augmenter: Any = None
     views: int = 0
+    # With `features`: the share of patch tokens each training example leaves out (drop_patches)
+    patch_dropout: float = 0.0
     training: bool = True
     _config_key: str | None = field(default=None, init=False, repr=False)
 
@@ -94,11 +112,17 @@ class CaptionCollator:
             )
         if self.features is not None and not self.family.feature_cache:
             raise CaptionerError(f"cached encoder features do not apply to {self.family.name}")
+        if self.patch_dropout and (self.features is None or not self.family.patch_dropout):
+            raise CaptionerError(
+                f"--patch_dropout thins cached encoder outputs: it needs a frozen vision tower "
+                f"and a family whose decoder reads any number of them ({self.family.name} with "
+                f"{'no ' if self.features is None else ''}feature cache)"
+            )
         if not self.family.fixed_pixels and (self.features is not None or self.cache_dir):
             raise CaptionerError(f"{self.family.name} batches are made from images, not caches")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images, captions, views = [], [], []
+        images, captions, views, indices = [], [], [], []
         for position, row in enumerate(rows):
             index = row.get(INDEX_COLUMN)
             caps = row[self.caption_column]
@@ -109,6 +133,7 @@ class CaptionCollator:
             images.append(row[self.image_column])
             captions.append(draw_caption(caps, self.seed, self.epoch, int(index)))
             views.append(self._view(list(caps), int(index)))
+            indices.append(int(index))
 
         if not self.family.fixed_pixels:
             return self._from_images(images, captions)
@@ -119,6 +144,9 @@ class CaptionCollator:
         if not kept:
             raise CaptionerError("every image in a batch failed to load (see the warnings above)")
         captions = [captions[i] for i in kept]
+        if self.features and self.patch_dropout and self.training:
+            keys = [(self.seed, self.epoch, indices[i]) for i in kept]
+            visual = drop_patches(visual, self.patch_dropout, keys)
         # the pixels' (height, width): LLaVA's prompt ids depend on it (features have no pixels)
         image_size = self.features.pixel_size if self.features else tuple(visual.shape[-2:])
         text = self.family.text_inputs(

@@ -138,6 +138,7 @@ def train(
         prompt=(decoding or DecodingOptions()).prompt,
         augmenter=augmenter,
         views=training_args.augment_views,
+        patch_dropout=training_args.patch_dropout,
     )
     trainer = _make_trainer(
         model, processor, training_args, train_ds, eval_ds, collator, decoding, callbacks

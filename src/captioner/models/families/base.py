@@ -75,6 +75,10 @@ class Family:
     # Modules that start random in a captioner-built model: trained whole next to LoRA.
     random_parts: ClassVar[tuple[str, ...]] = ()
     feature_cache: ClassVar[bool] = False
+    # Cached encoder outputs a training batch may thin to a random subset of patch tokens
+    # (`--patch_dropout`): true where the decoder cross-attends to any number of them (not LLaVA,
+    # whose prompt holds one placeholder per image token).
+    patch_dropout: ClassVar[bool] = False
     onnx_export: ClassVar[bool] = False
     onnx_refusal: ClassVar[str] = (
         "captioner's ONNX exporter covers GIT, VisionEncoderDecoder, LLaVA and chat models"

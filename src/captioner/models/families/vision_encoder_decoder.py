@@ -24,6 +24,7 @@ class VisionEncoderDecoderFamily(PixelFamily):
     vision_tower_paths = ("encoder",)
     random_parts = ("crossattention", "enc_to_dec_proj")
     feature_cache = True
+    patch_dropout = True
     onnx_export = True
 
     def text_inputs(self, processor, captions, prompt, max_length, image_size):
