@@ -49,6 +49,29 @@ def test_views_are_reproducible_and_view_zero_is_the_image():
     assert augment(image, (), np.random.default_rng(0)).size == image.size
 
 
+def test_shrink_keeps_the_whole_drawing_smaller_somewhere_on_its_border_colour():
+    image = Image.new("RGB", (64, 64), (255, 255, 255))
+    image.paste((200, 20, 20), (8, 8, 56, 56))  # a red square with a white margin
+    places, sides = set(), set()
+    for view in range(1, 30):
+        out = np.asarray(Augmenter(("shrink",)).apply(image, "cd" * 20, view, ["stop"]), int)
+        red = np.argwhere((out[..., 0] > 150) & (out[..., 1] < 90))
+        (top, left), (bottom, right) = red.min(0), red.max(0)
+        side = bottom - top + 1
+        assert 48 * 0.6 <= side <= 48 * 0.97 and abs(side - (right - left + 1)) <= 1, view
+        assert (out[0] == 255).all() and (out[-1] == 255).all()  # the margin stays white
+        places.add((int(top), int(left)))
+        sides.add(int(side))
+    assert len(places) > 5 and len(sides) > 3  # moved and scaled, not one fixed layout
+    both = Augmenter(("crop", "shrink"))  # each view zooms in or out: both kinds are drawn
+    smaller = set()
+    for view in range(1, 20):
+        out = np.asarray(both.apply(image, "ef" * 20, view, ["stop"]), int)
+        rows = np.flatnonzero(((out[..., 0] > 150) & (out[..., 1] < 90)).any(1))
+        smaller.add(bool(rows[-1] - rows[0] + 1 < 47))  # a crop only enlarges the square
+    assert smaller == {True, False}
+
+
 def test_draw_view_covers_the_image_and_every_view():
     drawn = {draw_view(3, 0, epoch, 5) for epoch in range(60)}
     assert drawn == {0, 1, 2, 3}

@@ -121,8 +121,9 @@ class CaptionTrainingArguments(TrainingArguments):
     )
     augment: str = _default(
         DEFAULT_OPS,
-        "Which augmentations (comma-separated): crop, blur, posterize, grayscale (never for a "
-        "caption naming a colour), flip (never for a caption with a left/right word).",
+        "Which augmentations (comma-separated): crop (zoom in), shrink (zoom out onto the "
+        "border colour, moved), blur, posterize, grayscale (never for a caption naming a "
+        "colour), flip (never for a caption with a left/right word).",
     )
     patch_dropout: float = _default(
         0.0,

@@ -4,6 +4,9 @@ A caption claims colours, a category and a name; an augmentation may change only
 caption of the image mentions:
 
 - `crop`: a random resized crop keeping 70-100 % of the area (the object stays in view);
+- `shrink`: the whole image at 65-95 % of its side, placed at random on its own border colour
+  (another artist's margins and placement: a decoder trained on one layout misreads a drawing
+  moved by a few pixels). With `crop` too, each view takes one of the two;
 - `blur`: Gaussian blur, radius 0.3-1.5 px (another artist's line weight, a smaller source);
 - `posterize`: 3-5 bits per channel (flat-shaded styles keep their hues);
 - `grayscale`: only when no caption names a colour (COLOUR_WORDS): "a red star" stays red;
@@ -30,7 +33,7 @@ from PIL import Image, ImageFilter, ImageOps
 from captioner.data.scenes import COLOURS
 from captioner.errors import CaptionerError
 
-OPS = ("crop", "blur", "posterize", "grayscale", "flip")
+OPS = ("crop", "shrink", "blur", "posterize", "grayscale", "flip")
 DEFAULT_OPS = "crop,blur,posterize,grayscale"
 # Every colour the scenes use, and the usual others (both spellings of grey).
 COLOUR_WORDS = frozenset(COLOURS) | {
@@ -105,8 +108,10 @@ def augment(image: Image.Image, ops: Sequence[str], rng: np.random.Generator) ->
     """One random view of `image` using only `ops` (each applied with probability 1/2, crop
     always: a view should differ from the original)."""
     image = image.convert("RGB")
-    if "crop" in ops:
-        image = _resized_crop(image, rng)
+    geometry = [op for op in ("crop", "shrink") if op in ops]
+    if geometry:
+        pick = geometry[int(rng.integers(len(geometry)))] if len(geometry) > 1 else geometry[0]
+        image = _resized_crop(image, rng) if pick == "crop" else _shrink(image, rng)
     if "blur" in ops and rng.random() < 0.5:
         image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
     if "posterize" in ops and rng.random() < 0.5:
@@ -127,6 +132,19 @@ def _resized_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     x = int(rng.integers(0, w - cw + 1))
     y = int(rng.integers(0, h - ch + 1))
     return image.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BICUBIC)
+
+
+def _shrink(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    w, h = image.size
+    scale = float(rng.uniform(0.65, 0.95))
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    pixels = np.asarray(image)
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    canvas = Image.new("RGB", (w, h), tuple(int(v) for v in np.median(ring, axis=0)))
+    x = int(rng.integers(0, w - sw + 1))
+    y = int(rng.integers(0, h - sh + 1))
+    canvas.paste(image.resize((sw, sh), Image.Resampling.BICUBIC), (x, y))
+    return canvas
 
 
 def draw_view(views: int, seed: int, epoch: int, index: int) -> int:
