@@ -436,7 +436,7 @@ def seed_means(out: Path, split: str) -> str:
     """One row per recipe over its seeds (runs/<recipe> and runs/<recipe>_seedN): one run of a
     recipe here says +-3 drawings of 149, so recipes are compared on these means."""
     runs: dict[str, list[dict]] = defaultdict(list)
-    for path in (out / "runs").glob("*/results.json"):
+    for path in sorted((out / "runs").glob("*/results.json")):  # seed 0, then 1, 2, ...
         r = json.loads(path.read_text())
         if "load_after_train" in r and split in r:
             runs[path.parent.name.split("_seed")[0]].append(r[split])
