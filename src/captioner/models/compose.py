@@ -243,9 +243,7 @@ def build_vision_encoder_decoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         decoder, tokenizer = _text_decoder(spec, captions)
-        # inside the seeded block: VED adds `enc_to_dec_proj` (random) where the tower's width
-        # differs from the decoder's, and an unseeded one made two seed-0 builds differ
-        model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
+    model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
     _set_special_tokens(model, tokenizer, spec.max_caption_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
