@@ -105,11 +105,12 @@ class Augmenter:
 
 
 def augment(image: Image.Image, ops: Sequence[str], rng: np.random.Generator) -> Image.Image:
-    """One random view of `image` using only `ops` (each applied with probability 1/2, crop
-    always: a view should differ from the original)."""
+    """One random view of `image` using only `ops` (each applied with probability 1/2; crop or
+    shrink always: a view should differ from the original)."""
     image = image.convert("RGB")
     geometry = [op for op in ("crop", "shrink") if op in ops]
     if geometry:
+        # no draw when there is one: views made before `shrink` existed stay the same
         pick = geometry[int(rng.integers(len(geometry)))] if len(geometry) > 1 else geometry[0]
         image = _resized_crop(image, rng) if pick == "crop" else _shrink(image, rng)
     if "blur" in ops and rng.random() < 0.5:
